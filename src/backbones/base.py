@@ -1,0 +1,70 @@
+"""The contract every backbone fulfils: features + ordered layer groups.
+
+Layer groups are the unit that freezing schedules, discriminative learning rates and
+pretrained-weight regularizers act on, so every backbone must declare them explicitly,
+ordered from input to output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerGroup:
+    """A named, ordered slice of a backbone (e.g. ``embeddings``, ``encoder.layer.3``)."""
+
+    name: str
+    modules: list[nn.Module]
+
+    def parameters(self) -> list[nn.Parameter]:
+        seen: set[int] = set()
+        params = []
+        for module in self.modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        out, seen = [], set()
+        for module in self.modules:
+            for name, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((name, p))
+        return out
+
+
+@dataclass
+class Preprocessing:
+    """What a data module needs from the backbone to feed it."""
+
+    modality: Literal["text", "image"]
+    tokenizer: Any = None  # text: a Hugging Face tokenizer
+    image_size: int | None = None  # image: square side length the backbone expects
+    channels: int = 3
+    mean: tuple[float, ...] = field(default=(0.485, 0.456, 0.406))
+    std: tuple[float, ...] = field(default=(0.229, 0.224, 0.225))
+
+
+class Backbone(nn.Module):
+    """A pretrained (or randomly initialised) feature extractor.
+
+    Subclasses set ``feature_dim`` and ``preprocessing`` and implement ``forward`` (batch dict ->
+    ``(B, feature_dim)`` features) and ``layer_groups`` (input -> output, covering every parameter).
+    """
+
+    feature_dim: int
+    preprocessing: Preprocessing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def layer_groups(self) -> list[LayerGroup]:  # pragma: no cover - abstract
+        raise NotImplementedError
