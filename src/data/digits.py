@@ -1,0 +1,104 @@
+"""Few-shot digits: scikit-learn's real 8x8 handwritten digits (offline), split by class.
+
+A backbone pretrains on ``source_classes`` (see ``digits_arrays``); the data module serves only the
+``target_classes`` with ``labels_per_class`` labelled training images each, so transfer is measurable in
+seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import Dataset
+
+from src.data import DATA
+from src.data.common import ClassificationDataModule, DataConfig, stratified_split
+from src.data.transforms import Compose, Normalize, RepeatChannels, Resize, Transform
+
+if TYPE_CHECKING:  # no runtime import: src.backbones imports this module (small_cnn pretraining)
+    from src.backbones.base import Preprocessing
+
+DIGITS_SIZE = 8
+
+
+def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as ``(N, 1, 8, 8)`` float images in [0, 1] (pixel counts / 16) and long labels."""
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.as_tensor(digits.target, dtype=torch.long)
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    name: str = "digits"
+    source_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # for backbone pretraining
+    target_classes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # re-indexed 0..k-1 in order
+    labels_per_class: int = 10  # labelled target training images per class (few-shot)
+    val_per_class: int = 20  # validation images per target class; the rest of the target images are test
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("source_classes", "target_classes"):
+            classes = getattr(self, key)
+            if any(not 0 <= c <= 9 for c in classes) or len(set(classes)) != len(classes):
+                raise ValueError(f"{key}: must be distinct digits 0..9, got {classes}")
+        if len(self.target_classes) < 2:
+            raise ValueError(f"target_classes: need at least 2 classes, got {self.target_classes}")
+        if overlap := sorted(set(self.source_classes) & set(self.target_classes)):
+            raise ValueError(f"target_classes: must be disjoint from source_classes, both contain {overlap}")
+        if self.labels_per_class < 1:
+            raise ValueError(f"labels_per_class: must be >= 1, got {self.labels_per_class}")
+        if self.val_per_class < 1:
+            raise ValueError(f"val_per_class: must be >= 1, got {self.val_per_class}")
+
+
+class TransformedImages(Dataset):
+    """In-memory images + labels, transformed per sample into the batch-dict contract."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.transform(self.images[index]), "labels": self.labels[index]}
+
+
+def digits_transform(preprocessing: Preprocessing) -> Transform:
+    """Normalise with the backbone's statistics; upsample and repeat channels if it wants bigger RGB input."""
+    steps: list[Transform] = []
+    if preprocessing.image_size is not None and preprocessing.image_size != DIGITS_SIZE:
+        steps.append(Resize(preprocessing.image_size))
+    if preprocessing.channels != 1:
+        steps.append(RepeatChannels(preprocessing.channels))
+    steps.append(Normalize(preprocessing.mean, preprocessing.std))
+    return Compose(steps)
+
+
+@DATA.register("digits", DigitsConfig)
+class DigitsDataModule(ClassificationDataModule):
+    """Target digits, per class and seeded: ``labels_per_class`` train, ``val_per_class`` val, rest test."""
+
+    modality = "image"
+    cfg: DigitsConfig
+
+    def _build(self) -> tuple[dict[str, Dataset], list[str]]:
+        images, labels = digits_arrays()
+        index_of = {digit: i for i, digit in enumerate(self.cfg.target_classes)}
+        keep = torch.isin(labels, torch.tensor(self.cfg.target_classes)).nonzero().squeeze(1)
+        images = images[keep]
+        labels = torch.tensor([index_of[int(digit)] for digit in labels[keep]], dtype=torch.long)
+        train, val, test = stratified_split(
+            labels.tolist(), lambda n: [self.cfg.labels_per_class, self.cfg.val_per_class], self.seed
+        )
+        train = train[self.train_indices(len(train))]
+        transform = digits_transform(self.preprocessing)
+        splits = {
+            split: TransformedImages(images[idx], labels[idx], transform)
+            for split, idx in (("train", train), ("val", val), ("test", test))
+        }
+        return splits, [str(digit) for digit in self.cfg.target_classes]
