@@ -1,0 +1,115 @@
+"""The pieces `src.run` assembles: Hydra context, run naming/tags, callbacks, and what is logged after test."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import RunConfig
+from src.finetune import Strategy
+from src.finetune.init import CHECKPOINT_ARTIFACT
+from src.module import TransferModule
+from src.tracking import MLflowRun, TrainingStateLogger, flatten
+from src.tracking.mlflow_run import git_commit, unique_name
+from src.tracking.plots import confusion_matrix_figure
+
+
+@dataclass
+class HydraContext:
+    launch_dir: Path
+    output_dir: Path
+    multirun_dir: str | None
+    job_num: int | None
+    overrides: list[str]
+
+
+def hydra_context() -> HydraContext:
+    """Where the user launched from and which multirun job this is (plain defaults outside Hydra)."""
+    if not HydraConfig.initialized():
+        cwd = Path.cwd()
+        return HydraContext(cwd, Path(tempfile.mkdtemp(prefix="run-")), None, None, [])
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return HydraContext(
+        launch_dir=Path(hc.runtime.cwd),
+        output_dir=Path(hc.runtime.output_dir),
+        multirun_dir=str(Path(hc.runtime.cwd, hc.sweep.dir)) if multirun else None,
+        job_num=hc.job.num if multirun else None,
+        overrides=list(hc.overrides.task),
+    )
+
+
+def run_name(cfg: RunConfig, context: HydraContext) -> str:
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    job = f"-j{context.job_num}" if context.job_num is not None else ""
+    return unique_name(f"{cfg.data.name}-{cfg.backbone.name}-{cfg.finetune.name}-s{cfg.seed}{job}")
+
+
+def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
+    out = {
+        "backbone": cfg.backbone.name,
+        "finetune": cfg.finetune.name,
+        "data": cfg.data.name,
+        "seed": str(cfg.seed),
+        "git_commit": git_commit(context.launch_dir),
+        "output_dir": str(context.output_dir),
+    }
+    if context.multirun_dir is not None:
+        out |= {"multirun_dir": context.multirun_dir, "job_num": str(context.job_num)}
+    return out
+
+
+def log_config(tracker: MLflowRun, raw: DictConfig, context: HydraContext) -> None:
+    resolved = OmegaConf.to_container(raw, resolve=True)
+    tracker.log_params(flatten(resolved))
+    tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+    tracker.log_text("\n".join(context.overrides) + "\n", "overrides.txt")
+
+
+def callbacks(
+    cfg: RunConfig, strategy: Strategy, context: HydraContext
+) -> tuple[ModelCheckpoint, list[pl.Callback]]:
+    mode = "max" if cfg.objective.direction == "maximize" else "min"
+    checkpoint = ModelCheckpoint(
+        dirpath=context.output_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.objective.metric,
+        mode=mode,
+        save_last=True,
+    )
+    out: list[pl.Callback] = [checkpoint, TrainingStateLogger(), *strategy.callbacks()]
+    stopping = cfg.regularization.early_stopping
+    if stopping.patience is not None:
+        out.append(EarlyStopping(cfg.objective.metric, stopping.min_delta, stopping.patience, mode=mode))
+    return checkpoint, out
+
+
+def log_results(
+    tracker: MLflowRun, cfg: RunConfig, module: TransferModule, datamodule: pl.LightningDataModule
+) -> None:
+    """After test (best weights loaded): confusion matrix, label mapping and the weights-only checkpoint."""
+    matrix = module.confusion.compute().cpu().numpy()
+    tracker.log_figure(confusion_matrix_figure(matrix, datamodule.class_names), "confusion_matrix.png")
+    tracker.log_dict(datamodule.label_mapping, "label_mapping.json")
+    if cfg.tracking.log_checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
+            torch.save({"state_dict": module.state_dict(), "class_names": datamodule.class_names}, path)
+            tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
+
+
+def objective_value(cfg: RunConfig, trainer: pl.Trainer, checkpoint: ModelCheckpoint) -> float:
+    """The best validation value of the objective metric over the run."""
+    score = checkpoint.best_model_score
+    if score is None:
+        score = trainer.callback_metrics[cfg.objective.metric]
+    return float(score)

@@ -1,0 +1,91 @@
+"""TransferModule: backbone + new head, trained by Lightning. No config plumbing lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import ConfusionMatrix
+
+from src.backbones.base import Backbone
+from src.metrics import classification_metrics, update
+
+
+class ClassifierHead(nn.Sequential):
+    """The new task head: dropout + linear on the backbone's pooled features."""
+
+    def __init__(self, feature_dim: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
+Penalty = Callable[["TransferModule"], torch.Tensor]
+
+
+class TransferModule(pl.LightningModule):
+    """Classifies with `head(backbone(batch))`.
+
+    `configure_optim` builds the optimizer/scheduler (see `src.optim`); `penalties` are extra loss
+    terms (e.g. L2-SP) computed from the module itself.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        num_classes: int,
+        configure_optim: Callable[[TransferModule], dict],
+        label_smoothing: float = 0.0,
+        penalties: list[Penalty] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self._configure_optim = configure_optim
+        self.penalties = penalties or []
+        self.train_acc = classification_metrics(num_classes, "train/")["acc"]
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.backbone(batch))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.criterion(logits, batch["labels"])
+        for penalty in self.penalties:
+            loss = loss + penalty(self)
+        self.train_acc(logits.argmax(-1), batch["labels"])
+        self.log("loss", loss, prog_bar=True, logger=False)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        loss = nn.functional.cross_entropy(logits, batch["labels"])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["labels"]))
+        return logits
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        update(self.val_metrics, self._eval_step(batch, "val"), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=False)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self._eval_step(batch, "test")
+        update(self.test_metrics, logits, batch["labels"])
+        self.confusion.update(logits.argmax(-1), batch["labels"])
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def configure_optimizers(self) -> dict:
+        return self._configure_optim(self)

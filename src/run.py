@@ -1,0 +1,75 @@
+"""Entry point: `python -m src.run [overrides]` (single run) or `python -m src.run -m ...` (sweeps).
+
+compose + validate config -> build backbone, data, module, callbacks, trainer -> fit -> test the best
+checkpoint -> return the objective (so any Hydra sweeper can optimise it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import partial
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+from src import build
+from src.backbones import BACKBONES
+from src.config import ConfigError, RunConfig, validate
+from src.data import DATA
+from src.finetune import FINETUNE
+from src.finetune.init import load_backbone
+from src.module import ClassifierHead, TransferModule
+from src.optim import configure_optimizers
+from src.tracking import MLflowRun
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, raw: DictConfig) -> float:
+    context = build.hydra_context()
+    with MLflowRun(
+        cfg.tracking, context.launch_dir, build.run_name(cfg, context), build.tags(cfg, context)
+    ) as tracker:
+        build.log_config(tracker, raw, context)
+        pl.seed_everything(cfg.seed, workers=True)
+        strategy = FINETUNE.build(raw.finetune)
+        backbone = BACKBONES.build(raw.backbone, pretrained=strategy.pretrained)
+        if cfg.finetune.init_from:
+            load_backbone(backbone, cfg.finetune.init_from, tracker.client)
+        datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed)
+        datamodule.setup("fit")
+        head = ClassifierHead(backbone.feature_dim, datamodule.num_classes, cfg.regularization.head_dropout)
+        module = TransferModule(
+            backbone,
+            head,
+            datamodule.num_classes,
+            configure_optim=lambda m: configure_optimizers(
+                m,
+                cfg.optim,
+                cfg.regularization.weight_decay,
+                partial(getattr, m.trainer, "estimated_stepping_batches"),
+            ),
+            label_smoothing=cfg.regularization.label_smoothing,
+        )
+        checkpoint, callbacks = build.callbacks(cfg, strategy, context)
+        trainer = pl.Trainer(**cfg.trainer, callbacks=callbacks, logger=tracker.logger())
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
+        build.log_results(tracker, cfg, module, datamodule)
+        return build.objective_value(cfg, trainer, checkpoint)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(raw: DictConfig) -> float:
+    try:
+        cfg = validate(raw)
+    except ConfigError as e:
+        print(f"Invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+    return run(cfg, raw)
+
+
+if __name__ == "__main__":
+    main()

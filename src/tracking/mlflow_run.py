@@ -1,0 +1,157 @@
+"""The MLflow side of a run: naming, params, tags, status and artifacts.
+
+We create the run ourselves (rather than letting Lightning's logger do it) so that a crash before,
+during or after `fit` still ends in a FAILED run holding the error, and so that a sweep can nest
+trial runs under a parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import traceback
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import mlflow
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+
+from src.config import TrackingConfig
+
+MAX_PARAM_LENGTH = 6000
+
+
+def resolve_uri(uri: str, base: Path) -> str:
+    """Make a relative sqlite/file store absolute against `base` (the launch directory)."""
+    for scheme in ("sqlite:///", "file:"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme) :]
+            if path and not Path(path).is_absolute():
+                return f"{scheme}{(base / path).resolve()}"
+            return uri
+    return uri if "://" in uri else str((base / uri).resolve())
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"optim": {"lr": 1e-3}}` -> `{"optim.lr": "0.001"}`; lists stay one JSON-ish value."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:MAX_PARAM_LENGTH]
+    return out
+
+
+def git_commit(cwd: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def unique_name(stem: str) -> str:
+    """Readable and unique: uuid4 draws from os.urandom, so seeding the RNGs cannot repeat names."""
+    return f"{stem}-{uuid.uuid4().hex[:6]}"
+
+
+class MLflowRun:
+    """Context manager around one MLflow run; ends it FAILED (with the traceback) on any exception."""
+
+    def __init__(self, cfg: TrackingConfig, base_dir: Path, run_name: str, tags: dict[str, str]) -> None:
+        self.cfg = cfg
+        self.uri = resolve_uri(cfg.uri, base_dir)
+        self.artifact_location = (
+            Path(base_dir, cfg.artifact_location).resolve().as_uri() if cfg.artifact_location else None
+        )
+        self.run_name = run_name
+        self.tags = {**tags, **cfg.tags}
+        self.client = MlflowClient(self.uri)
+        self.run_id = ""
+
+    def __enter__(self) -> MLflowRun:
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is None:
+            try:
+                experiment_id = self.client.create_experiment(self.cfg.experiment, self.artifact_location)
+            except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel worker
+                experiment_id = self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        self.experiment_id = experiment_id
+        tags = dict(self.tags)
+        if self.cfg.parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = self.cfg.parent_run_id
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+            return
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+        self.client.set_tag(self.run_id, MLFLOW_RUN_NOTE, f"Failed:\n```\n{text[-4000:]}\n```")
+        self.log_text(text, "error.txt")
+        status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+        self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self.log_text(json.dumps(data, indent=2, default=str), name)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def download(self, path: str) -> Path:
+        return Path(self.client.download_artifacts(self.run_id, path, tempfile.mkdtemp()))
+
+    def logger(self) -> EpochMLFlowLogger:
+        return EpochMLFlowLogger(
+            experiment_name=self.cfg.experiment, tracking_uri=self.uri, run_id=self.run_id, log_model=False
+        )
+
+
+class EpochMLFlowLogger(MLFlowLogger):
+    """Logs Lightning's epoch-level metrics with step = epoch, so curves line up across runs and batch sizes."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        metrics = dict(metrics)
+        epoch = metrics.pop("epoch", None)
+        super().log_metrics(metrics, step=int(epoch) if epoch is not None else step)
+
+    def finalize(self, status: str = "success") -> None:
+        """Status is owned by `MLflowRun`; only flush here."""
