@@ -75,9 +75,7 @@ def log_config(tracker: MLflowRun, raw: DictConfig, context: HydraContext) -> No
     tracker.log_text("\n".join(context.overrides) + "\n", "overrides.txt")
 
 
-def callbacks(
-    cfg: RunConfig, strategy: Strategy, context: HydraContext
-) -> tuple[ModelCheckpoint, list[pl.Callback]]:
+def callbacks(cfg: RunConfig, strategy: Strategy, context: HydraContext) -> tuple[ModelCheckpoint, list[pl.Callback]]:
     mode = "max" if cfg.objective.direction == "maximize" else "min"
     checkpoint = ModelCheckpoint(
         dirpath=context.output_dir / "checkpoints",
@@ -93,9 +91,7 @@ def callbacks(
     return checkpoint, out
 
 
-def log_results(
-    tracker: MLflowRun, cfg: RunConfig, module: TransferModule, datamodule: pl.LightningDataModule
-) -> None:
+def log_results(tracker: MLflowRun, cfg: RunConfig, module: TransferModule, datamodule: pl.LightningDataModule) -> None:
     """After test (best weights loaded): confusion matrix, label mapping and the weights-only checkpoint."""
     matrix = module.confusion.compute().cpu().numpy()
     tracker.log_figure(confusion_matrix_figure(matrix, datamodule.class_names), "confusion_matrix.png")

@@ -71,9 +71,7 @@ class OptimConfig:
         )
         check(self.head_lr_mult > 0, f"head_lr_mult: must be > 0; got {self.head_lr_mult}")
         check(0 < self.layer_decay <= 1, f"layer_decay: must be in (0, 1]; got {self.layer_decay}")
-        check(
-            not self.group_lrs or min(self.group_lrs) >= 0, f"group_lrs: must be >= 0; got {self.group_lrs}"
-        )
+        check(not self.group_lrs or min(self.group_lrs) >= 0, f"group_lrs: must be >= 0; got {self.group_lrs}")
         check_choice(self.scheduler, "scheduler", ("warmup_cosine", "linear", "onecycle", "constant"))
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1]; got {self.min_lr_ratio}")
@@ -100,9 +98,7 @@ class RegularizationConfig:
 
     def __post_init__(self) -> None:
         check(self.weight_decay >= 0, f"weight_decay: must be >= 0; got {self.weight_decay}")
-        check(
-            0 <= self.label_smoothing < 1, f"label_smoothing: must be in [0, 1); got {self.label_smoothing}"
-        )
+        check(0 <= self.label_smoothing < 1, f"label_smoothing: must be in [0, 1); got {self.label_smoothing}")
         check(0 <= self.head_dropout < 1, f"head_dropout: must be in [0, 1); got {self.head_dropout}")
 
 

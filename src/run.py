@@ -29,9 +29,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: RunConfig, raw: DictConfig) -> float:
     context = build.hydra_context()
-    with MLflowRun(
-        cfg.tracking, context.launch_dir, build.run_name(cfg, context), build.tags(cfg, context)
-    ) as tracker:
+    with MLflowRun(cfg.tracking, context.launch_dir, build.run_name(cfg, context), build.tags(cfg, context)) as tracker:
         build.log_config(tracker, raw, context)
         pl.seed_everything(cfg.seed, workers=True)
         strategy = FINETUNE.build(raw.finetune)

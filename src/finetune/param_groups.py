@@ -25,9 +25,7 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1
 
 
-def param_groups(
-    groups: list[LayerGroup], head: nn.Module, lrs: list[float], weight_decay: float
-) -> list[dict]:
+def param_groups(groups: list[LayerGroup], head: nn.Module, lrs: list[float], weight_decay: float) -> list[dict]:
     """Optimizer param-group dicts tagged with `layer_group` (index, head = len(groups)) and `name`."""
     named = [(g.name, g.named_parameters()) for g in groups] + [("head", list(head.named_parameters()))]
     if len(lrs) != len(named):
@@ -38,7 +36,5 @@ def param_groups(
             chosen = [p for n, p in params if _no_decay(n, p) == no_decay]
             if chosen:
                 wd = 0.0 if no_decay else weight_decay
-                out.append(
-                    {"params": chosen, "lr": lr, "weight_decay": wd, "name": name, "layer_group": index}
-                )
+                out.append({"params": chosen, "lr": lr, "weight_decay": wd, "name": name, "layer_group": index})
     return out
