@@ -60,7 +60,7 @@ def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
         "finetune": cfg.finetune.name,
         "data": cfg.data.name,
         "seed": str(cfg.seed),
-        "git_commit": git_commit(context.launch_dir),
+        "git_commit": git_commit(Path(__file__).parent),
         "output_dir": str(context.output_dir),
     }
     if context.multirun_dir is not None:

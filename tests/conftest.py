@@ -1,0 +1,40 @@
+"""Shared fixtures: the repo root, the shared data sets, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+# One pretrained-backbone cache for the whole session, so the digits small CNN is pretrained once.
+os.environ.setdefault("TRANSFER_LAB_CACHE", tempfile.mkdtemp(prefix="transfer-lab-cache-"))
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason when a fresh clone lacks it."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data set not found at {path} (only present next to the project checkout)")
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m src.run ARGS` in `cwd`, offline, with MLflow/Hydra outputs isolated under `cwd`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    base = ["trainer.enable_progress_bar=false"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.run", *args, *base],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc
+

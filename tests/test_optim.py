@@ -1,0 +1,67 @@
+"""Discriminative LRs and the shared schedule: ratios between layer groups hold at every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.backbones import BACKBONES
+from src.config import OptimConfig
+from src.finetune.param_groups import layer_lrs
+from src.module import ClassifierHead
+from src.optim import build_optimizer, lr_factor
+
+
+def small_cnn():
+    return BACKBONES.build({"name": "small_cnn", "pretrain": None}, pretrained=False)
+
+
+def test_layer_lrs_decay_from_the_head() -> None:
+    lrs = layer_lrs(1.0, 3, layer_decay=0.5, head_lr_mult=10.0)
+    assert lrs == [0.125, 0.25, 0.5, 10.0]
+
+
+@pytest.mark.parametrize("scheduler", ["warmup_cosine", "linear", "onecycle", "constant"])
+@pytest.mark.parametrize("decay", [1.0, 0.8, 0.5])
+def test_ratios_hold_under_every_schedule(scheduler: str, decay: float) -> None:
+    backbone = small_cnn()
+    groups = backbone.layer_groups()
+    head = ClassifierHead(backbone.feature_dim, 3)
+    cfg = OptimConfig(lr=1e-2, layer_decay=decay, scheduler=scheduler, warmup_ratio=0.2)
+    optimizer = build_optimizer(cfg, groups, head, weight_decay=0.01)
+    total = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, scheduler, 0.2, 0.0))
+    n = len(groups)
+    seen_factors = set()
+    for step in range(total):
+        by_group = {g["layer_group"]: g["lr"] for g in optimizer.param_groups}
+        head_lr = by_group[n]
+        seen_factors.add(round(head_lr / cfg.lr, 6))
+        for i in range(n):
+            assert by_group[i] == pytest.approx(head_lr * decay ** (n - i), rel=1e-9, abs=1e-15)
+        optimizer.step()
+        sched.step()
+    if scheduler == "constant":
+        assert seen_factors == {1.0}
+    else:
+        assert len(seen_factors) > 10, "the schedule must actually change the LR"
+        assert min(seen_factors) < 0.3  # warmup starts low
+
+
+def test_norm_and_bias_are_not_weight_decayed() -> None:
+    backbone = small_cnn()
+    head = ClassifierHead(backbone.feature_dim, 3)
+    optimizer = build_optimizer(OptimConfig(), backbone.layer_groups(), head, weight_decay=0.05)
+    for group in optimizer.param_groups:
+        dims = {p.ndim for p in group["params"]}
+        assert group["weight_decay"] == (0.0 if dims == {1} else 0.05)
+    covered = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert covered == {id(p) for p in [*backbone.parameters(), *head.parameters()]}
+
+
+def test_explicit_group_lrs() -> None:
+    backbone = small_cnn()
+    n = len(backbone.layer_groups())
+    lrs = [0.001 * (i + 1) for i in range(n + 1)]
+    optimizer = build_optimizer(OptimConfig(group_lrs=lrs), backbone.layer_groups(), ClassifierHead(8, 2), 0.0)
+    assert {g["layer_group"]: g["lr"] for g in optimizer.param_groups} == dict(enumerate(lrs))
