@@ -1,0 +1,91 @@
+"""The CLI end to end on the default digits experiment, checked through the MLflow store it leaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from src.finetune.init import backbone_state, resolve_checkpoint
+
+from tests.conftest import run_cli
+
+FAST = ["trainer.max_epochs=2"]
+
+
+def client_for(cwd: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def runs(cwd: Path) -> list:
+    client = client_for(cwd)
+    experiment = client.get_experiment_by_name("transfer-lab")
+    return client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("single")
+    proc = run_cli([*FAST, "seed=3"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd
+
+
+def test_single_run_is_recorded(single_run: Path) -> None:
+    (run,) = runs(single_run)
+    client = client_for(single_run)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert {tags["backbone"], tags["finetune"], tags["data"], tags["seed"]} == {"small_cnn", "full", "digits", "3"}
+    assert len(tags["git_commit"]) == 40
+    params = run.data.params
+    assert params["optim.lr"] == "0.003" and params["trainer.max_epochs"] == "2" and params["seed"] == "3"
+    for key in ("val/acc", "val/f1", "val/auroc", "train/loss", "lr-group-0", "trainable_params"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [0, 1], key
+    for key in ("test/acc", "test/precision", "test/recall", "test/f1", "test/auroc"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert run.data.metrics["test/acc"] > 0.5, "transfer from digits 0-4 should beat chance on 5-9 quickly"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.txt", "confusion_matrix.png", "label_mapping.json", "checkpoints"} <= artifacts
+    config_yaml = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(single_run))).read_text()
+    assert "max_epochs: 2" in config_yaml
+    assert (single_run / "mlruns").is_dir(), "artifacts live under ./mlruns of the launch directory"
+    assert not list(single_run.glob("outputs/**/mlflow.db")), "the store must not land in Hydra's output dir"
+
+
+def test_init_from_an_earlier_run(single_run: Path) -> None:
+    (first,) = runs(single_run)
+    proc = run_cli(["trainer.max_epochs=1", f"finetune.init_from={first.info.run_id}", "finetune=linear_probe"], single_run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    latest = max(runs(single_run), key=lambda r: r.info.start_time)
+    assert latest.data.params["finetune.init_from"] == first.info.run_id
+    # The probe froze the backbone it was given, so its logged backbone weights are exactly the first run's.
+    first_w, latest_w = (backbone_state(resolve_checkpoint(r.info.run_id, client_for(single_run))) for r in (first, latest))
+    weights = [k for k in first_w if "running_" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(first_w[k], latest_w[k]) for k in weights)
+
+
+def test_crash_is_recorded_as_failed(tmp_path: Path) -> None:
+    proc = run_cli(["trainer.max_epochs=1", "finetune.init_from=/no/such/checkpoint.ckpt"], tmp_path)
+    assert proc.returncode != 0
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "init_from" in run.data.tags["error"]
+    artifacts = {a.path for a in client_for(tmp_path).list_artifacts(run.info.run_id)}
+    assert "error.txt" in artifacts
+
+
+def test_multirun_grid_gives_one_run_per_job(tmp_path: Path) -> None:
+    proc = run_cli(["-m", "finetune=linear_probe,full", "seed=0,1", "trainer.max_epochs=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = runs(tmp_path)
+    assert len(found) == 4
+    assert all(r.info.status == "FINISHED" for r in found)
+    assert len({r.info.run_name for r in found}) == 4
+    combos = {(r.data.tags["finetune"], r.data.tags["seed"]) for r in found}
+    assert combos == {("linear_probe", "0"), ("linear_probe", "1"), ("full", "0"), ("full", "1")}
+    assert {r.data.tags["job_num"] for r in found} == {"0", "1", "2", "3"}
+    assert len({r.data.tags["multirun_dir"] for r in found}) == 1
