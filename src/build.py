@@ -14,7 +14,6 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import RunConfig
-from src.finetune import Strategy
 from src.finetune.init import CHECKPOINT_ARTIFACT
 from src.module import TransferModule
 from src.tracking import MLflowRun, TrainingStateLogger, flatten
@@ -75,7 +74,10 @@ def log_config(tracker: MLflowRun, raw: DictConfig, context: HydraContext) -> No
     tracker.log_text("\n".join(context.overrides) + "\n", "overrides.txt")
 
 
-def callbacks(cfg: RunConfig, strategy: Strategy, context: HydraContext) -> tuple[ModelCheckpoint, list[pl.Callback]]:
+def callbacks(
+    cfg: RunConfig, extra: list[pl.Callback], context: HydraContext
+) -> tuple[ModelCheckpoint, list[pl.Callback]]:
+    """Checkpointing on the objective, per-epoch state logging, early stopping, plus strategy/regularizer ones."""
     mode = "max" if cfg.objective.direction == "maximize" else "min"
     checkpoint = ModelCheckpoint(
         dirpath=context.output_dir / "checkpoints",
@@ -84,7 +86,7 @@ def callbacks(cfg: RunConfig, strategy: Strategy, context: HydraContext) -> tupl
         mode=mode,
         save_last=True,
     )
-    out: list[pl.Callback] = [checkpoint, TrainingStateLogger(), *strategy.callbacks()]
+    out: list[pl.Callback] = [checkpoint, TrainingStateLogger(), *extra]
     stopping = cfg.regularization.early_stopping
     if stopping.patience is not None:
         out.append(EarlyStopping(cfg.objective.metric, stopping.min_delta, stopping.patience, mode=mode))

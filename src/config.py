@@ -8,7 +8,6 @@ dataclasses below; `trainer` against Lightning's own `Trainer` signature.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,19 +16,9 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A composed config that must not run; the message names the offending key."""
-
-
-def check(condition: bool, message: str) -> None:
-    """Range/choice check used in ``__post_init__`` of the schemas; the group prefix is added later."""
-    if not condition:
-        raise ValueError(message)
-
-
-def check_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
-    check(value in choices, f"{key}: must be one of {', '.join(choices)}; got {value!r}")
+from src.optim import OptimConfig
+from src.regularization import RegularizationConfig
+from src.schema import ConfigError, check, check_choice
 
 
 @dataclass
@@ -45,61 +34,6 @@ class Objective:
             self.metric.startswith("val/"),
             f"metric: must be a validation metric 'val/...'; got {self.metric!r}",
         )
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer + LR schedule. One optimizer parameter group per layer group, created up front."""
-
-    name: str = "adamw"
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9
-    head_lr_mult: float = 1.0
-    layer_decay: float = 1.0  # group i (from the head) gets lr * layer_decay**i
-    group_lrs: list[float] | None = None  # explicit LRs, backbone groups input->output then head
-    scheduler: str = "warmup_cosine"
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_choice(self.name, "name", ("adamw", "sgd"))
-        check(self.lr > 0 and math.isfinite(self.lr), f"lr: must be > 0; got {self.lr}")
-        check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"betas: two values in [0, 1); got {self.betas}",
-        )
-        check(self.head_lr_mult > 0, f"head_lr_mult: must be > 0; got {self.head_lr_mult}")
-        check(0 < self.layer_decay <= 1, f"layer_decay: must be in (0, 1]; got {self.layer_decay}")
-        check(not self.group_lrs or min(self.group_lrs) >= 0, f"group_lrs: must be >= 0; got {self.group_lrs}")
-        check_choice(self.scheduler, "scheduler", ("warmup_cosine", "linear", "onecycle", "constant"))
-        check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
-        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1]; got {self.min_lr_ratio}")
-
-
-@dataclass
-class EarlyStoppingConfig:
-    patience: int | None = None  # None: off
-    min_delta: float = 0.0
-
-    def __post_init__(self) -> None:
-        check(
-            self.patience is None or self.patience >= 1,
-            f"early_stopping.patience: >= 1 or null; got {self.patience}",
-        )
-
-
-@dataclass
-class RegularizationConfig:
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.0
-    head_dropout: float = 0.1
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-
-    def __post_init__(self) -> None:
-        check(self.weight_decay >= 0, f"weight_decay: must be >= 0; got {self.weight_decay}")
-        check(0 <= self.label_smoothing < 1, f"label_smoothing: must be in [0, 1); got {self.label_smoothing}")
-        check(0 <= self.head_dropout < 1, f"head_dropout: must be in [0, 1); got {self.head_dropout}")
 
 
 @dataclass

@@ -7,15 +7,46 @@ ratios between layer groups hold at every step, through warmup and annealing ali
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from src.backbones.base import LayerGroup
-from src.config import OptimConfig
 from src.finetune.param_groups import layer_lrs, param_groups
+from src.schema import check, check_choice
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer + LR schedule. One optimizer parameter group per layer group, created up front."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+    head_lr_mult: float = 1.0
+    layer_decay: float = 1.0  # group i (from the head) gets lr * layer_decay**i
+    group_lrs: list[float] | None = None  # explicit LRs, backbone groups input->output then head
+    scheduler: str = "warmup_cosine"
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice(self.name, "name", ("adamw", "sgd"))
+        check(self.lr > 0 and math.isfinite(self.lr), f"lr: must be > 0; got {self.lr}")
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas: two values in [0, 1); got {self.betas}",
+        )
+        check(self.head_lr_mult > 0, f"head_lr_mult: must be > 0; got {self.head_lr_mult}")
+        check(0 < self.layer_decay <= 1, f"layer_decay: must be in (0, 1]; got {self.layer_decay}")
+        check(not self.group_lrs or min(self.group_lrs) >= 0, f"group_lrs: must be >= 0; got {self.group_lrs}")
+        check_choice(self.scheduler, "scheduler", ("warmup_cosine", "linear", "onecycle", "constant"))
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1]; got {self.min_lr_ratio}")
 
 
 def lr_factor(step: int, total: int, scheduler: str, warmup_ratio: float, min_lr_ratio: float) -> float:
@@ -45,14 +76,12 @@ def build_optimizer(
     return torch.optim.AdamW(pgroups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def configure_optimizers(
-    module: nn.Module, cfg: OptimConfig, weight_decay: float, total_steps: Callable[[], int]
-) -> dict:
-    """What `LightningModule.configure_optimizers` returns: optimizer + per-step LambdaLR."""
+def configure_optimizers(module: pl.LightningModule, cfg: OptimConfig, weight_decay: float) -> dict:
+    """What `LightningModule.configure_optimizers` returns: optimizer + per-step LambdaLR over the whole fit."""
     optimizer = build_optimizer(cfg, module.backbone.layer_groups(), module.head, weight_decay)
     factor = partial(
         lr_factor,
-        total=max(1, total_steps()),
+        total=max(1, int(module.trainer.estimated_stepping_batches)),
         scheduler=cfg.scheduler,
         warmup_ratio=cfg.warmup_ratio,
         min_lr_ratio=cfg.min_lr_ratio,

@@ -14,7 +14,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from src import build
+from src import build, regularization
 from src.backbones import BACKBONES
 from src.config import ConfigError, RunConfig, validate
 from src.data import DATA
@@ -36,6 +36,8 @@ def run(cfg: RunConfig, raw: DictConfig) -> float:
         backbone = BACKBONES.build(raw.backbone, pretrained=strategy.pretrained)
         if cfg.finetune.init_from:
             load_backbone(backbone, cfg.finetune.init_from, tracker.client)
+        backbone = strategy.prepare(backbone)
+        regularizers = regularization.build(cfg.regularization, backbone)
         datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed)
         datamodule.setup("fit")
         head = ClassifierHead(backbone.feature_dim, datamodule.num_classes, cfg.regularization.head_dropout)
@@ -43,15 +45,13 @@ def run(cfg: RunConfig, raw: DictConfig) -> float:
             backbone,
             head,
             datamodule.num_classes,
-            configure_optim=lambda m: configure_optimizers(
-                m,
-                cfg.optim,
-                cfg.regularization.weight_decay,
-                partial(getattr, m.trainer, "estimated_stepping_batches"),
-            ),
+            configure_optim=partial(configure_optimizers, cfg=cfg.optim, weight_decay=cfg.regularization.weight_decay),
             label_smoothing=cfg.regularization.label_smoothing,
+            batch_transforms=regularizers.batch_transforms,
+            loss_terms=strategy.loss_terms() + regularizers.loss_terms,
+            ce_weight=strategy.ce_weight,
         )
-        checkpoint, callbacks = build.callbacks(cfg, strategy, context)
+        checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks], context)
         trainer = pl.Trainer(**cfg.trainer, callbacks=callbacks, logger=tracker.logger())
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)

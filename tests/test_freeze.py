@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from src.backbones import BACKBONES
-from src.config import OptimConfig
 from src.data import DATA
 from src.finetune import FINETUNE
 from src.module import ClassifierHead, TransferModule
-from src.optim import configure_optimizers
+from src.optim import OptimConfig, configure_optimizers
 
 
 def fit_steps(strategy_name: str, steps: int = 6) -> tuple[TransferModule, dict[str, torch.Tensor]]:
@@ -24,7 +25,7 @@ def fit_steps(strategy_name: str, steps: int = 6) -> tuple[TransferModule, dict[
         backbone,
         ClassifierHead(backbone.feature_dim, dm.num_classes),
         dm.num_classes,
-        configure_optim=lambda m: configure_optimizers(m, OptimConfig(lr=1e-2, warmup_ratio=0.0), 0.0, lambda: steps),
+        configure_optim=partial(configure_optimizers, cfg=OptimConfig(lr=1e-2, warmup_ratio=0.0), weight_decay=0.0),
     )
     before = {k: v.detach().clone() for k, v in module.named_parameters()}
     trainer = pl.Trainer(

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from src.backbones import BACKBONES
-from src.config import OptimConfig
 from src.finetune.param_groups import layer_lrs
 from src.module import ClassifierHead
-from src.optim import build_optimizer, lr_factor
+from src.optim import OptimConfig, build_optimizer, lr_factor
 
 
 def small_cnn():
@@ -33,7 +32,7 @@ def test_ratios_hold_under_every_schedule(scheduler: str, decay: float) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, scheduler, 0.2, 0.0))
     n = len(groups)
     seen_factors = set()
-    for step in range(total):
+    for _ in range(total):
         by_group = {g["layer_group"]: g["lr"] for g in optimizer.param_groups}
         head_lr = by_group[n]
         seen_factors.add(round(head_lr / cfg.lr, 6))

@@ -9,7 +9,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from src.finetune.init import backbone_state, resolve_checkpoint
-
 from tests.conftest import run_cli
 
 FAST = ["trainer.max_epochs=2"]
@@ -58,12 +57,16 @@ def test_single_run_is_recorded(single_run: Path) -> None:
 
 def test_init_from_an_earlier_run(single_run: Path) -> None:
     (first,) = runs(single_run)
-    proc = run_cli(["trainer.max_epochs=1", f"finetune.init_from={first.info.run_id}", "finetune=linear_probe"], single_run)
+    proc = run_cli(
+        ["trainer.max_epochs=1", f"finetune.init_from={first.info.run_id}", "finetune=linear_probe"], single_run
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = max(runs(single_run), key=lambda r: r.info.start_time)
     assert latest.data.params["finetune.init_from"] == first.info.run_id
     # The probe froze the backbone it was given, so its logged backbone weights are exactly the first run's.
-    first_w, latest_w = (backbone_state(resolve_checkpoint(r.info.run_id, client_for(single_run))) for r in (first, latest))
+    first_w, latest_w = (
+        backbone_state(resolve_checkpoint(r.info.run_id, client_for(single_run))) for r in (first, latest)
+    )
     weights = [k for k in first_w if "running_" not in k and "num_batches" not in k]
     assert weights and all(torch.equal(first_w[k], latest_w[k]) for k in weights)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from src.config import check
 from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
+from src.schema import check
 
 
 @FINETUNE.register("full", FinetuneConfig)
