@@ -52,9 +52,7 @@ def seeded_subset(n: int, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
-def stratified_split(
-    labels: Sequence[Hashable], sizes: Callable[[int], Sequence[int]], seed: int
-) -> list[np.ndarray]:
+def stratified_split(labels: Sequence[Hashable], sizes: Callable[[int], Sequence[int]], seed: int) -> list[np.ndarray]:
     """Seeded per-class split of indices: ``sizes(n_class)`` gives the leading parts, the rest is the last.
 
     ``lambda n: [round(0.1 * n)]`` -> ``[val, train]``; ``lambda n: [10, 20]`` -> ``[train, val, rest]``.

@@ -96,7 +96,5 @@ class Normalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean.shape[0] not in (1, x.shape[0]):
-            raise ValueError(
-                f"Normalize: {self.mean.shape[0]} mean/std values for a {x.shape[0]}-channel image"
-            )
+            raise ValueError(f"Normalize: {self.mean.shape[0]} mean/std values for a {x.shape[0]}-channel image")
         return (x - self.mean) / self.std
