@@ -1,0 +1,197 @@
+"""Any Hugging Face ``AutoModel`` (text or vision) as a backbone, by hub id or local ``save_pretrained`` folder."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.image_processing_utils import ImageProcessingMixin
+
+from src.backbones import BACKBONES
+from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.groups import check_partition, module_layer_groups
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+FALLBACK_IMAGE_SIZE = 224
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+@dataclass
+class HFConfig:
+    name: str = "hf"
+    model: str = MISSING  # hub id (e.g. microsoft/resnet-50) or a local save_pretrained() folder
+    revision: str | None = None  # hub branch / tag / commit
+    trust_remote_code: bool = False  # allow model code shipped with the checkpoint
+    pooling: str = "cls"  # cls | mean (see HFBackbone.forward)
+    image_size: int | None = None  # vision: override the input side length of the image processor config
+
+    def __post_init__(self) -> None:
+        check_pooling(self.pooling)
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size: must be a positive integer or null, got {self.image_size}")
+
+
+class HFBackbone(Backbone):
+    """Features from a Hugging Face model's last hidden state.
+
+    ``cls``: for token sequences (text, ViT-like) the first token's final hidden state -- every encoder has one,
+    whereas a pooler is often left untrained in checkpoints (e.g. ViT classifiers ship without it); for CNN
+    feature maps (ResNet, ConvNeXt) the model's own pooled output. ``mean``: the average over tokens (ignoring
+    padding via the attention mask) or spatial positions. A pooler the pooling does not use is still a layer
+    group, so every parameter stays covered; it simply receives no gradient.
+    """
+
+    def __init__(self, model: PreTrainedModel, preprocessing: Preprocessing, pooling: str) -> None:
+        super().__init__()
+        check_pooling(pooling)
+        self.model = model
+        self.preprocessing = preprocessing
+        self.pooling = pooling
+        self._forward_kwargs = self._vision_forward_kwargs() if preprocessing.modality == "image" else {}
+        self.feature_dim = self._probe_feature_dim()
+
+    def _vision_forward_kwargs(self) -> dict[str, Any]:
+        """ViT-like models need ``interpolate_pos_encoding`` to accept a size other than the pretraining one."""
+        native = getattr(self.model.config, "image_size", None)
+        accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        if accepts and isinstance(native, int) and native != self.preprocessing.image_size:
+            return {"interpolate_pos_encoding": True}
+        return {}
+
+    def _dummy_batch(self) -> dict[str, torch.Tensor]:
+        p = self.preprocessing
+        if p.modality == "text":
+            return dict(p.tokenizer(["feature size probe"], return_tensors="pt"))
+        return {"pixel_values": torch.zeros(1, p.channels, p.image_size, p.image_size)}
+
+    @torch.no_grad()
+    def _probe_feature_dim(self) -> int:
+        """One eval-mode forward: exact for any model and pooling, and fails at build time if the inputs don't fit."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(self._dummy_batch()).shape[-1]
+        finally:
+            self.train(was_training)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.preprocessing.modality == "text":
+            inputs = {k: batch[k] for k in TEXT_INPUTS if k in batch}
+        else:
+            inputs = {"pixel_values": batch["pixel_values"]}
+        out = self.model(**inputs, **self._forward_kwargs)
+        hidden = out.last_hidden_state
+        if hidden.ndim == 4:  # CNN feature map (B, C, H, W)
+            pooled = getattr(out, "pooler_output", None)
+            if self.pooling == "cls" and pooled is not None:
+                return pooled.flatten(1)
+            return hidden.mean(dim=(2, 3))
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch.get("attention_mask") if self.preprocessing.modality == "text" else None
+        if mask is None:
+            return hidden.mean(dim=1)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def layer_groups(self) -> list[LayerGroup]:
+        return module_layer_groups(self.model)
+
+
+def _modality(model: PreTrainedModel) -> str:
+    """Text or image, from the input the model's forward is built around."""
+    if model.main_input_name == "input_ids":
+        return "text"
+    if model.main_input_name == "pixel_values":
+        return "image"
+    raise ValueError(f"model: only text and image models are supported, got main input {model.main_input_name!r}")
+
+
+def _processor_size(processor: dict[str, Any]) -> int | None:
+    """Final square side length from an image processor config (crop size if it crops, else resize size)."""
+    for key in ("crop_size", "size"):
+        size = processor.get(key)
+        if key == "crop_size" and not processor.get("do_center_crop", True):
+            continue
+        if isinstance(size, int):
+            return size
+        if isinstance(size, dict):
+            for dim in ("height", "shortest_edge"):
+                if dim in size:
+                    return int(size[dim])
+    return None
+
+
+def _image_preprocessing(cfg: HFConfig, config: PretrainedConfig) -> Preprocessing:
+    """Size/mean/std from ``preprocessor_config.json`` (no torchvision needed), else the config, 224, ImageNet."""
+    try:
+        processor, _ = ImageProcessingMixin.get_image_processor_dict(cfg.model, revision=cfg.revision)
+    except OSError:
+        log.warning("hf: %s has no image processor config; size from its config or 224, ImageNet stats", cfg.model)
+        processor = {}
+    native = getattr(config, "image_size", None)
+    size = cfg.image_size or _processor_size(processor) or (native if isinstance(native, int) else FALLBACK_IMAGE_SIZE)
+    defaults = Preprocessing(modality="image")
+    return Preprocessing(
+        modality="image",
+        image_size=size,
+        channels=getattr(config, "num_channels", defaults.channels),
+        mean=tuple(processor.get("image_mean", defaults.mean)),
+        std=tuple(processor.get("image_std", defaults.std)),
+    )
+
+
+@contextlib.contextmanager
+def _explain_load_errors(cfg: HFConfig) -> Iterator[None]:
+    """Turn the hub's errors into one that names the model and says what to do offline."""
+    try:
+        yield
+    except (OSError, ValueError) as e:  # ValueError: e.g. a folder whose config.json has no model_type
+        raise OSError(
+            f"could not load Hugging Face model '{cfg.model}' (revision {cfg.revision}): {e}\n"
+            "Offline, set backbone.model to a local folder written by save_pretrained() (model + tokenizer or "
+            "preprocessor config), or pre-fill the Hugging Face cache where there is network access "
+            "(and set HF_HUB_OFFLINE=1 to skip the slow connection retries)."
+        ) from e
+
+
+@BACKBONES.register("hf", HFConfig)
+def build_hf(cfg: HFConfig, pretrained: bool = True) -> HFBackbone:
+    """Pretrained weights, or (``pretrained=False``) the same architecture randomly initialised."""
+    hub = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    with _explain_load_errors(cfg):
+        config = AutoConfig.from_pretrained(cfg.model, **hub)
+        if pretrained:
+            # float32 master weights: transformers 5 otherwise keeps the checkpoint's (maybe half) dtype.
+            model = AutoModel.from_pretrained(cfg.model, dtype=torch.float32, **hub)
+        else:
+            model = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    modality = _modality(model)
+    with _explain_load_errors(cfg):
+        if modality == "text":
+            preprocessing = Preprocessing(modality="text", tokenizer=AutoTokenizer.from_pretrained(cfg.model, **hub))
+        else:
+            preprocessing = _image_preprocessing(cfg, config)
+    backbone = HFBackbone(model, preprocessing, cfg.pooling)
+    groups = backbone.layer_groups()
+    check_partition(backbone, groups)
+    weights = "pretrained" if pretrained else "random"
+    log.info(
+        "hf: %s (%s, %s weights): %d-d %s features, %d layer groups",
+        *(cfg.model, modality, weights, backbone.feature_dim, cfg.pooling, len(groups)),
+    )
+    return backbone

@@ -1,0 +1,194 @@
+"""A small conv net pretrained in seconds on scikit-learn's digits: the offline default backbone and CPU test bed.
+
+Pretraining on the source digit classes is real (a plain torch loop with a temporary linear head), so transfer to
+the other digits is measurable. The result is cached on disk under a hash of everything that determines it, so a
+sweep pays for it once; the file is written atomically so parallel workers can race to create it safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.backbones import BACKBONES
+from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.groups import check_partition, module_layer_groups
+
+log = logging.getLogger(__name__)
+
+PRETRAINS = ("digits",)
+# The rest of the pretraining recipe; part of the cache key, so changing it invalidates cached weights.
+RECIPE = {"lr": 3e-3, "batch_size": 64, "val_fraction": 0.2}
+
+
+@dataclass
+class SmallCNNConfig:
+    name: str = "small_cnn"
+    in_channels: int = 1
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # stem width, then one block per entry
+    image_size: int = 8  # what the data is resized to; digits are 8x8
+    pretrain: str | None = "digits"  # digits | None (random init even when pretrained=True)
+    pretrain_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pretrain_epochs: int = 10
+    pretrain_seed: int = 0
+    cache_dir: str | None = None  # None: $TRANSFER_LAB_CACHE or ~/.cache/transfer-lab
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels: must be >= 1, got {self.in_channels}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels: must be a non-empty list of positive widths, got {self.channels}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size: must be >= 1, got {self.image_size}")
+        if self.pretrain is not None and self.pretrain not in PRETRAINS:
+            raise ValueError(f"pretrain: must be one of {', '.join(PRETRAINS)} or null, got {self.pretrain!r}")
+        classes = self.pretrain_classes
+        if len(set(classes)) != len(classes) or len(classes) < 2 or any(not 0 <= c <= 9 for c in classes):
+            raise ValueError(f"pretrain_classes: must be at least 2 distinct digits 0..9, got {classes}")
+        if self.pretrain_epochs < 1:
+            raise ValueError(f"pretrain_epochs: must be >= 1, got {self.pretrain_epochs}")
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class SmallCNN(Backbone):
+    """``stem`` (stride 1) then one stride-2 conv-bn-relu ``block`` per further width; global average pooling,
+    so any input size works. Layer groups: ``stem``, ``block.0`` ... ``block.{len(channels)-2}``.
+    """
+
+    def __init__(self, in_channels: int, channels: list[int], image_size: int) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(in_channels, channels[0], stride=1)
+        self.block = nn.ModuleList(conv_bn_relu(a, b, stride=2) for a, b in itertools.pairwise(channels))
+        self.feature_dim = channels[-1]
+        self.preprocessing = Preprocessing(
+            modality="image",
+            image_size=image_size,
+            channels=in_channels,
+            mean=(0.5,) * in_channels,
+            std=(0.5,) * in_channels,
+        )
+        # Set when the weights come from digits pretraining: source accuracy, cache path, whether it was cached.
+        self.pretrain_info: dict[str, Any] | None = None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self.stem(batch["pixel_values"])
+        for block in self.block:
+            x = block(x)
+        return x.mean(dim=(2, 3))
+
+    def layer_groups(self) -> list[LayerGroup]:
+        return module_layer_groups(self)
+
+
+def _settings(cfg: SmallCNNConfig) -> dict[str, Any]:
+    """Everything that determines the pretrained weights (the cache key)."""
+    keep = ("in_channels", "channels", "image_size", "pretrain", "pretrain_classes", "pretrain_epochs", "pretrain_seed")
+    return {**{k: v for k, v in asdict(cfg).items() if k in keep}, "recipe": RECIPE}
+
+
+def cache_path(cfg: SmallCNNConfig) -> Path:
+    """``<cache_dir>/small_cnn/<pretrain>-<hash>.pt``; cache_dir defaults to $TRANSFER_LAB_CACHE or ~/.cache."""
+    root = cfg.cache_dir or os.environ.get("TRANSFER_LAB_CACHE") or Path.home() / ".cache" / "transfer-lab"
+    digest = hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / "small_cnn" / f"{cfg.pretrain}-{digest}.pt"
+
+
+def _source_data(net: SmallCNN, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source digits through the digits data module's own transform, so pretraining sees what fine-tuning will."""
+    from src.data.digits import digits_arrays, digits_transform  # lazy: only pretraining needs the data package
+
+    images, labels = digits_arrays()
+    keep = torch.isin(labels, torch.tensor(classes))
+    transform = digits_transform(net.preprocessing)
+    index_of = torch.full((10,), -1, dtype=torch.long)
+    index_of[torch.tensor(classes)] = torch.arange(len(classes))
+    return torch.stack([transform(image) for image in images[keep]]), index_of[labels[keep]]
+
+
+def pretrain_on_digits(net: SmallCNN, cfg: SmallCNNConfig) -> float:
+    """Train ``net`` + a temporary linear head on the source classes; return held-out source accuracy.
+
+    Uses the global torch RNG, so the caller seeds it (and forks it, to leave the experiment's stream alone).
+    """
+    x, y = _source_data(net, cfg.pretrain_classes)
+    order = torch.randperm(len(y))
+    n_val = int(len(y) * RECIPE["val_fraction"])
+    val, train = order[:n_val], order[n_val:]
+    head = nn.Linear(net.feature_dim, len(cfg.pretrain_classes))
+    optimizer = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=RECIPE["lr"])
+    net.train()
+    for _ in range(cfg.pretrain_epochs):
+        for idx in train[torch.randperm(len(train))].split(RECIPE["batch_size"]):
+            loss = F.cross_entropy(head(net({"pixel_values": x[idx]})), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (head(net({"pixel_values": x[val]})).argmax(dim=1) == y[val]).float().mean().item()
+    net.train()
+    return accuracy
+
+
+def _save_atomically(state: dict[str, Any], path: Path) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_or_pretrain(net: SmallCNN, cfg: SmallCNNConfig) -> dict[str, Any]:
+    path = cache_path(cfg)
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        net.load_state_dict(state["state_dict"])
+        log.info("small_cnn: loaded %s-pretrained weights from cache %s", cfg.pretrain, path)
+        return {"source_accuracy": state["source_accuracy"], "cache_path": str(path), "from_cache": True}
+    start = time.perf_counter()
+    accuracy = pretrain_on_digits(net, cfg)
+    _save_atomically({"state_dict": net.state_dict(), "source_accuracy": accuracy}, path)
+    log.info(
+        "small_cnn: trained on digits %s for %d epochs in %.1fs, held-out source accuracy %.3f; cached at %s",
+        *(cfg.pretrain_classes, cfg.pretrain_epochs, time.perf_counter() - start, accuracy, path),
+    )
+    return {"source_accuracy": accuracy, "cache_path": str(path), "from_cache": False}
+
+
+@BACKBONES.register("small_cnn", SmallCNNConfig)
+def build_small_cnn(cfg: SmallCNNConfig, pretrained: bool = True) -> SmallCNN:
+    """Digits-pretrained weights (cached), or random init when ``pretrained=False`` or ``pretrain`` is null."""
+    if not (pretrained and cfg.pretrain):
+        net = SmallCNN(cfg.in_channels, cfg.channels, cfg.image_size)
+    else:
+        # Seeded and forked: identical weights whether trained or loaded, and the caller's RNG stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.pretrain_seed)
+            net = SmallCNN(cfg.in_channels, cfg.channels, cfg.image_size)
+            net.pretrain_info = _load_or_pretrain(net, cfg)
+    check_partition(net, net.layer_groups())
+    return net
