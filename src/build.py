@@ -28,13 +28,14 @@ class HydraContext:
     multirun_dir: str | None
     job_num: int | None
     overrides: list[str]
+    choices: dict[str, str]  # config-group options picked, e.g. {"data": "sst2"}: the names users know
 
 
 def hydra_context() -> HydraContext:
     """Where the user launched from and which multirun job this is (plain defaults outside Hydra)."""
     if not HydraConfig.initialized():
         cwd = Path.cwd()
-        return HydraContext(cwd, Path(tempfile.mkdtemp(prefix="run-")), None, None, [])
+        return HydraContext(cwd, Path(tempfile.mkdtemp(prefix="run-")), None, None, [], {})
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     return HydraContext(
@@ -43,6 +44,7 @@ def hydra_context() -> HydraContext:
         multirun_dir=str(Path(hc.runtime.cwd, hc.sweep.dir)) if multirun else None,
         job_num=hc.job.num if multirun else None,
         overrides=list(hc.overrides.task),
+        choices={k: str(v) for k, v in hc.runtime.choices.items() if v is not None},
     )
 
 
@@ -50,14 +52,18 @@ def run_name(cfg: RunConfig, context: HydraContext) -> str:
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     job = f"-j{context.job_num}" if context.job_num is not None else ""
-    return unique_name(f"{cfg.data.name}-{cfg.backbone.name}-{cfg.finetune.name}-s{cfg.seed}{job}")
+    labels = group_labels(cfg, context)
+    return unique_name(f"{labels['data']}-{labels['backbone']}-{labels['finetune']}-s{cfg.seed}{job}")
+
+
+def group_labels(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
+    """Each swappable group as the user picked it (the config option, e.g. `sst2`), else its registry name."""
+    return {group: context.choices.get(group, getattr(cfg, group).name) for group in ("data", "backbone", "finetune")}
 
 
 def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
     out = {
-        "backbone": cfg.backbone.name,
-        "finetune": cfg.finetune.name,
-        "data": cfg.data.name,
+        **group_labels(cfg, context),
         "seed": str(cfg.seed),
         "git_commit": git_commit(Path(__file__).parent),
         "output_dir": str(context.output_dir),
