@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -20,14 +21,24 @@ class ClassifierHead(nn.Sequential):
         super().__init__(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
 
 
-Penalty = Callable[["TransferModule"], torch.Tensor]
+Batch = dict[str, torch.Tensor]
+BatchTransform = Callable[[Batch], Batch]
+
+
+class LossTerm(Protocol):
+    """An extra training-loss term (L2-SP, distillation KL), logged as `train/<name>`."""
+
+    name: str
+
+    def __call__(self, module: TransferModule, batch: Batch, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 class TransferModule(pl.LightningModule):
     """Classifies with `head(backbone(batch))`.
 
-    `configure_optim` builds the optimizer/scheduler (see `src.optim`); `penalties` are extra loss
-    terms (e.g. L2-SP) computed from the module itself.
+    `configure_optim` builds the optimizer/scheduler (see `src.optim`). Training only: `batch_transforms`
+    (augmentation, mixup) rewrite the batch first and may add `soft_labels` (B, C) probabilities, which then
+    replace `labels` as cross-entropy targets; the loss is `ce_weight * CE + sum(loss_terms)`.
     """
 
     def __init__(
@@ -37,7 +48,9 @@ class TransferModule(pl.LightningModule):
         num_classes: int,
         configure_optim: Callable[[TransferModule], dict],
         label_smoothing: float = 0.0,
-        penalties: list[Penalty] | None = None,
+        batch_transforms: list[BatchTransform] | None = None,
+        loss_terms: list[LossTerm] | None = None,
+        ce_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -45,7 +58,9 @@ class TransferModule(pl.LightningModule):
         self.num_classes = num_classes
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self._configure_optim = configure_optim
-        self.penalties = penalties or []
+        self.batch_transforms = batch_transforms or []
+        self.loss_terms = loss_terms or []
+        self.ce_weight = ce_weight
         self.train_acc = classification_metrics(num_classes, "train/")["acc"]
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
@@ -55,13 +70,18 @@ class TransferModule(pl.LightningModule):
         return self.head(self.backbone(batch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        for transform in self.batch_transforms:
+            batch = transform(batch)
         logits = self(batch)
-        loss = self.criterion(logits, batch["labels"])
-        for penalty in self.penalties:
-            loss = loss + penalty(self)
+        n = len(batch["labels"])
+        loss = self.ce_weight * self.criterion(logits, batch.get("soft_labels", batch["labels"]))
+        for term in self.loss_terms:
+            value = term(self, batch, logits)
+            self.log(f"train/{term.name}", value, on_step=False, on_epoch=True, batch_size=n)
+            loss = loss + value
         self.train_acc(logits.argmax(-1), batch["labels"])
         self.log("loss", loss, prog_bar=True, logger=False)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 

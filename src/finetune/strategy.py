@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 from torch import nn
 
-from src.backbones.base import LayerGroup
+from src.backbones.base import Backbone, LayerGroup
+from src.module import LossTerm
 from src.registry import Registry
 
 
@@ -29,9 +30,18 @@ class Strategy:
     """Base strategy: everything trainable from epoch 0, pretrained weights."""
 
     pretrained: bool = True
+    ce_weight: float = 1.0  # weight of the cross-entropy term (distillation gives the rest to its KL term)
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
+
+    def prepare(self, backbone: Backbone) -> Backbone:
+        """Adapt the built backbone before training (LoRA injects adapters here); identity by default."""
+        return backbone
+
+    def loss_terms(self) -> list[LossTerm]:
+        """Extra training-loss terms the strategy adds (distillation's KL to a teacher); none by default."""
+        return []
 
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         """Indices (input -> output) of the backbone layer groups that train during `epoch`."""
