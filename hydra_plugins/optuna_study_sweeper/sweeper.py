@@ -1,0 +1,42 @@
+"""`hydra/sweeper: optuna_study`: runs the selected `sweep=NAME` as an Optuna study (see src/sweep/study.py).
+
+Hydra imports every module under `hydra_plugins` at start-up, for any app, so this one stays light: Optuna,
+MLflow and the project are imported only when a sweep actually starts.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+@dataclass
+class OptunaStudySweeperConf:
+    _target_: str = "hydra_plugins.optuna_study_sweeper.sweeper.OptunaStudySweeper"
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="optuna_study", node=OptunaStudySweeperConf, provider="optuna_study_sweeper"
+)
+
+
+class OptunaStudySweeper(Sweeper):
+    """All settings live in the app config's `sweep` node (sweeps/NAME.yaml), not under hydra.sweeper."""
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        from src.sweep.study import StudySweep
+
+        study = StudySweep(self.config, self.launcher, self.hydra_context.config_loader)
+        return study.run(arguments)

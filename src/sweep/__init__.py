@@ -1,0 +1,1 @@
+"""Optuna sweeps: the `sweep` config node, storage with heartbeats, a job's trial, the sweeper loop, MLflow parent."""

@@ -1,0 +1,145 @@
+"""Where a study lives, opened the same way by the sweeper and by every job (any launcher, any machine).
+
+Both kinds of storage get heartbeats, so a trial whose worker died is failed (and retried) instead of
+staying RUNNING forever: Optuna's RDBStorage has them built in; its journal file storage does not, so
+`HeartbeatJournalStorage` adds them (the journal is the default because its file lock is safe for many
+processes and on NFS, where SQLite's locking is not).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from contextlib import suppress
+from pathlib import Path
+from threading import Event, Thread
+from types import TracebackType
+
+import optuna
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from src.sweep.config import SweepConfig
+from src.tracking import resolve_uri
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE = "optuna.journal"
+HEARTBEAT_ATTR = "heartbeat"
+SQLITE_BUSY_TIMEOUT_S = 120
+
+# Heartbeats, stale-trial failing and retries are experimental in Optuna, and it expects heartbeats with
+# Study.optimize only; we use them on purpose with ask/tell across processes.
+warnings.filterwarnings("ignore", category=ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def default_storage(tracking_uri: str, launch_dir: Path) -> str:
+    """The journal file next to the MLflow SQLite database (or in the launch directory for other stores)."""
+    uri = resolve_uri(tracking_uri, launch_dir)
+    base = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else launch_dir
+    return str(base / DEFAULT_FILE)
+
+
+def resolve(storage: str | None, tracking_uri: str, launch_dir: Path) -> str:
+    """Absolute form of `sweep.storage` (relative paths are against the launch directory, as for MLflow)."""
+    if storage is None:
+        return default_storage(tracking_uri, launch_dir)
+    return resolve_uri(storage, launch_dir)
+
+
+def is_journal(url: str) -> bool:
+    return "://" not in url
+
+
+def open_storage(url: str, settings: SweepConfig) -> BaseStorage:
+    """A journal file (`*.journal` path) or an RDB URL, with heartbeats and retry of dead workers' trials."""
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
+    if is_journal(url):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return HeartbeatJournalStorage(
+            JournalFileBackend(url), settings.heartbeat_interval, settings.grace_period, retry
+        )
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite") else None
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=settings.heartbeat_interval,
+        grace_period=settings.grace_period,
+        heartbeat_stale_trial_callback=retry,
+    )
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Journal storage plus heartbeats kept as a trial system attribute (wall-clock seconds).
+
+    A trial is stale when neither its last heartbeat nor its start is within the grace period, so a retried
+    trial (which copies its original's attributes) is never judged by the original's old heartbeat.
+    """
+
+    def __init__(
+        self,
+        backend: JournalFileBackend,
+        heartbeat_interval: int,
+        grace_period: int,
+        stale_trial_callback: RetryHeartbeatStaleTrialCallback,
+    ) -> None:
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.stale_trial_callback = stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        with suppress(UpdateFinishedTrialError):  # the trial ended between two beats
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [
+            t._trial_id
+            for t in running
+            if now - max(t.system_attrs.get(HEARTBEAT_ATTR, 0.0), t.datetime_start.timestamp()) > self.grace_period
+        ]
+
+    def get_heartbeat_interval(self) -> int:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> RetryHeartbeatStaleTrialCallback:
+        return self.stale_trial_callback
+
+
+class Heartbeat:
+    """Beats for some trials from a background thread while the caller blocks (a job training, or the sweeper
+    waiting on a launcher: a queued SLURM job has not started beating yet)."""
+
+    def __init__(self, storage: BaseStorage, trial_ids: list[int], interval: float) -> None:
+        self.storage, self.trial_ids, self.interval = storage, trial_ids, interval
+        self._stop = Event()
+        self._thread = Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            for trial_id in self.trial_ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:  # a busy or briefly unreachable storage must not end the beating
+                    log.warning("heartbeat of trial id %d failed: %s", trial_id, e)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def load_study(name: str, url: str, settings: SweepConfig, **kwargs: object) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url, settings), **kwargs)

@@ -1,0 +1,155 @@
+"""The sweep's MLflow parent run: settings as params, progress as metrics, results and Optuna plots as artifacts.
+
+It is found again by its study tag on relaunch, so a resumed study keeps one parent with all its children.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import optuna
+from mlflow.entities import RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import FrozenTrial, TrialState
+
+from src.sweep.trial import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG
+from src.tracking import MLflowRun
+
+log = logging.getLogger(__name__)
+
+
+class StudyRun(MLflowRun):
+    """MLflowRun that reuses the parent run of an earlier launch of the same study instead of creating one."""
+
+    def __enter__(self) -> StudyRun:
+        study = self.tags[STUDY_TAG]
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        found = (
+            self.client.search_runs(
+                [experiment.experiment_id],
+                f"tags.{STUDY_TAG} = '{study}' and tags.{ROLE_TAG} = 'study'",
+                max_results=1,
+            )
+            if experiment
+            else []
+        )
+        if not found:
+            super().__enter__()
+            return self
+        self.experiment_id, self.run_id = experiment.experiment_id, found[0].info.run_id
+        self.client.update_run(self.run_id, RunStatus.to_string(RunStatus.RUNNING))
+        log.info("Resuming study %r: MLflow parent run %s", study, self.run_id)
+        return self
+
+    def log_new_params(self, params: Mapping[str, str]) -> None:
+        """MLflow params are immutable: on resume keep the first values and say which settings changed."""
+        existing = self.client.get_run(self.run_id).data.params
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:
+            log.warning("Sweep settings changed since the study started (MLflow keeps the first): %s", changed)
+        self.log_params({k: v for k, v in params.items() if k not in existing})
+
+    def sync_children(self, study: optuna.Study) -> None:
+        """Children still RUNNING whose trial has ended (a killed worker) get the trial's state and end."""
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        children = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.{MLFLOW_PARENT_RUN_ID} = '{self.run_id}' and attributes.status = 'RUNNING'",
+        )
+        for child in children:
+            state = states.get(int(child.data.tags.get(TRIAL_TAG, -1)))
+            if state is not None and state.is_finished():
+                self.client.set_tag(child.info.run_id, STATE_TAG, state.name)
+                status = RunStatus.FAILED if state == TrialState.FAIL else RunStatus.FINISHED
+                self.client.set_terminated(child.info.run_id, RunStatus.to_string(status))
+
+    def log_progress(self, study: optuna.Study, metrics: list[str]) -> None:
+        """Trial counts and the best so far (Pareto front size for several objectives), step = finished trials."""
+        trials = study.get_trials(deepcopy=False)
+        counts = Counter(t.state for t in trials)
+        finished = sum(n for state, n in counts.items() if state.is_finished())
+        progress = {f"trials_{s.name.lower()}": float(counts[s]) for s in TrialState if s != TrialState.WAITING}
+        if counts[TrialState.COMPLETE]:
+            best = study.best_trials
+            if len(metrics) == 1:
+                progress["best_value"] = best[0].value
+                self.set_tags({"best_trial": best[0].number, **{f"best.{k}": v for k, v in best[0].params.items()}})
+            else:
+                progress["pareto_front_size"] = float(len(best))
+        self.log_metrics(progress, step=finished)
+
+    def log_results(self, study: optuna.Study, metrics: list[str]) -> None:
+        """Trials table, best trial(s) as JSON and the Optuna plots (those the study has enough data for)."""
+        trials = study.get_trials(deepcopy=False)
+        self.log_text(study.trials_dataframe().to_csv(index=False), "study/trials.csv")
+        if any(t.state == TrialState.COMPLETE for t in trials):
+            name = "study/best.json" if len(metrics) == 1 else "study/pareto_front.json"
+            self.log_dict({"metrics": metrics, "trials": [_summary(t) for t in study.best_trials]}, name)
+        for name, plot, kwargs in _plots(metrics):
+            self._log_plot(study, name, plot, kwargs)
+
+    def _log_plot(self, study: optuna.Study, name: str, plot: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+        import matplotlib.pyplot as plt
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" and "too few trials" notices
+                axes = plot(study, **kwargs)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances need 2+ complete trials
+            log.info("No %s plot: %s", name, e)
+            return
+        figure = np.atleast_1d(axes).flat[0].figure
+        figure.set_size_inches(9, 6)
+        figure.tight_layout()
+        self.log_figure(figure, f"plots/{name}.png")
+        plt.close(figure)
+
+
+def _summary(trial: FrozenTrial) -> dict[str, Any]:
+    return {"number": trial.number, "values": trial.values, "params": trial.params}
+
+
+def _plots(metrics: list[str]) -> list[tuple[str, Callable[..., Any], dict[str, Any]]]:
+    """(artifact name, plot function, kwargs): per objective for several objectives, plus the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as vis
+
+    if len(metrics) == 1:
+        targets = [("", {})]
+    else:
+        targets = [
+            (f"_{i}", {"target": lambda t, i=i: t.values[i], "target_name": metric}) for i, metric in enumerate(metrics)
+        ]
+    plots = [
+        (f"{name}{suffix}", fn, kwargs)
+        for suffix, kwargs in targets
+        for name, fn in (
+            ("history", vis.plot_optimization_history),
+            ("parallel_coordinate", vis.plot_parallel_coordinate),
+            ("param_importances", vis.plot_param_importances),
+        )
+    ]
+    if len(metrics) == 1:
+        plots.append(("intermediate_values", vis.plot_intermediate_values, {}))
+    else:
+        plots.append(("pareto_front", vis.plot_pareto_front, {"target_names": metrics}))
+    return plots
+
+
+def study_params(settings: Mapping[str, Any], space: Mapping[str, str]) -> dict[str, str]:
+    """Flat MLflow params of a sweep: its settings (sampler.*, pruner.*, ...) and `space.<key>` per dimension."""
+    out = {f"space.{k}": v for k, v in space.items()}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            out |= {f"{key}.{k}": json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in value.items()}
+        elif value is not None:
+            out[key] = str(value)
+    return out
