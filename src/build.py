@@ -92,7 +92,8 @@ def callbacks(
         mode=mode,
         save_last=True,
     )
-    out: list[pl.Callback] = [checkpoint, TrainingStateLogger(), *extra]
+    # Strategy/regularizer callbacks first: the logger records the state they set at each epoch start.
+    out: list[pl.Callback] = [checkpoint, *extra, TrainingStateLogger()]
     stopping = cfg.regularization.early_stopping
     if stopping.patience is not None:
         out.append(EarlyStopping(cfg.objective.metric, stopping.min_delta, stopping.patience, mode=mode))

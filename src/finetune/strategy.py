@@ -1,29 +1,45 @@
 """The strategy contract and the callback that applies a strategy's freezing schedule.
 
-A strategy answers one question — which backbone layer groups are trainable at epoch E — so the
-freezing state is a pure function of the epoch. That makes resume trivial (the state is re-derived
-from the restored epoch, cf. Lightning #21901) and lets every optimizer parameter group exist from
-the start: unfreezing flips `requires_grad`, it never rebuilds the optimizer or scheduler.
+A strategy answers two questions — which backbone layer groups are trainable during epoch E, and by how much
+the backbone groups' LRs are scaled then — so the freezing state is a pure function of the epoch. That makes
+resume trivial (the state is re-derived from the restored epoch at every epoch start, so a resumed run cannot
+come back re-frozen as in Lightning #21901) and lets every optimizer parameter group exist from the start:
+unfreezing flips `requires_grad`, it never rebuilds the optimizer or scheduler.
+
+DDP (Lightning #20340): `DistributedDataParallel` registers for gradient all-reduce only the parameters that
+require grad when it wraps the model, so a group unfrozen later would train on each rank's local gradients and
+the replicas silently diverge. When the trainable set changes during a DDP run, `FreezeSchedule` therefore keeps
+every parameter trainable until the model is wrapped, freezes after wrapping, and requires
+`find_unused_parameters=True` (frozen parameters produce no gradient, and DDP must not wait for them) and no
+`static_graph` (the set of parameters used changes). A schedule that never changes (linear_probe, partial) is
+frozen before wrapping and needs neither.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
+from mlflow.tracking import MlflowClient
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 
 from src.backbones.base import Backbone, LayerGroup
+from src.finetune.bn import BatchNormPolicy, apply_bn_modes, apply_bn_policy
 from src.module import LossTerm
 from src.registry import Registry
 
 
 @dataclass
 class FinetuneConfig:
-    """Fields every strategy has. `init_from`: a checkpoint path or MLflow run id to start the backbone from."""
+    """Fields every strategy has. `init_from`: a checkpoint path or MLflow run id to start the backbone from;
+    `bn`: what batch-norm layers inside frozen layer groups do (see `src.finetune.bn`)."""
 
     name: str = "full"
     init_from: str | None = None
+    bn: BatchNormPolicy = field(default_factory=BatchNormPolicy)
 
 
 class Strategy:
@@ -32,8 +48,9 @@ class Strategy:
     pretrained: bool = True
     ce_weight: float = 1.0  # weight of the cross-entropy term (distillation gives the rest to its KL term)
 
-    def __init__(self, cfg: FinetuneConfig) -> None:
+    def __init__(self, cfg: FinetuneConfig, client: MlflowClient | None = None) -> None:
         self.cfg = cfg
+        self.client = client  # the run's MLflow client, for strategies that read other runs (distillation's teacher)
 
     def prepare(self, backbone: Backbone) -> Backbone:
         """Adapt the built backbone before training (LoRA injects adapters here); identity by default."""
@@ -46,6 +63,10 @@ class Strategy:
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         """Indices (input -> output) of the backbone layer groups that train during `epoch`."""
         return set(range(n_groups))
+
+    def backbone_lr_scale(self, epoch: int) -> float:
+        """Factor on every backbone group's scheduled LR during `epoch` (the head's is never scaled); 1 by default."""
+        return 1.0
 
     def callbacks(self) -> list[pl.Callback]:
         return [FreezeSchedule(self)]
@@ -64,18 +85,86 @@ def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def schedule_changes(strategy: Strategy, n_groups: int, epochs: int | None) -> bool:
+    """Whether the trainable set differs between any two of the first `epochs` epochs (None: unbounded, assume so)."""
+    if epochs is None:
+        return True
+    return len({frozenset(strategy.trainable_groups(e, n_groups)) for e in range(epochs)}) > 1
+
+
+def scale_backbone_lrs(trainer: pl.Trainer, n_groups: int, scale: float) -> None:
+    """Backbone groups' LRs become `initial_lr * scale * schedule factor`; the head's stay `initial_lr * factor`.
+
+    Rewriting the LambdaLR's `base_lrs` (not the current LR) composes with the shared schedule, and deriving
+    them from the untouched `initial_lr` makes it idempotent, so re-applying it after a resume is exact.
+    """
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if not isinstance(scheduler, LambdaLR):
+            if scale != 1.0:
+                raise TypeError(f"backbone LR scaling needs the LambdaLR of src.optim; got {type(scheduler).__name__}")
+            continue
+        for j, group in enumerate(scheduler.optimizer.param_groups):
+            factor = scale if group["layer_group"] < n_groups else 1.0
+            scheduler.base_lrs[j] = group["initial_lr"] * factor
+            group["lr"] = scheduler.base_lrs[j] * scheduler.lr_lambdas[j](scheduler.last_epoch)
+
+
+def _epoch_horizon(trainer: pl.Trainer) -> int | None:
+    """An upper bound on the epochs this fit can run (max_steps bounds it too), None when unbounded."""
+    bounds = [b for b in (trainer.max_epochs, trainer.max_steps) if b is not None and b > 0]
+    return min(bounds) if bounds else None
+
+
 class FreezeSchedule(pl.Callback):
-    """Applies `strategy.trainable_groups(epoch)` at setup (before any DDP wrapping) and every epoch start."""
+    """Applies the strategy's epoch state: `requires_grad` per layer group, the BN policy of frozen groups and
+    the backbone LR scale — at setup (before DDP wrapping, see the module docstring), at fit start and at every
+    training-epoch start; BN eval mode again at every batch start, since Lightning restores the module modes it
+    captured before validation.
+    """
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
+        self.groups: list[LayerGroup] = []
+        self.trainable: set[int] = set()
+        self.ddp_dynamic = False  # set in setup: a DDP fit whose trainable set changes (see the module docstring)
 
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        groups = pl_module.backbone.layer_groups()
-        set_trainable(groups, self.strategy.trainable_groups(trainer.current_epoch, len(groups)))
+    @property
+    def bn(self) -> BatchNormPolicy:
+        return self.strategy.cfg.bn
+
+    def _freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trainable = self.strategy.trainable_groups(trainer.current_epoch, len(self.groups))
+        set_trainable(self.groups, self.trainable)
+        apply_bn_policy(self.groups, self.trainable, self.bn, pl_module.training)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._apply(trainer, pl_module)
+        self.groups = pl_module.backbone.layer_groups()
+        n = len(self.groups)
+        self.ddp_dynamic = (
+            stage == "fit"
+            and isinstance(trainer.strategy, DDPStrategy)
+            and schedule_changes(self.strategy, n, _epoch_horizon(trainer))
+        )
+        if self.ddp_dynamic:
+            set_trainable(self.groups, set(range(n)))  # so DDP registers every parameter; frozen in on_fit_start
+            return
+        self._freeze(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ddp = trainer.strategy.model
+        wrapped = isinstance(ddp, DistributedDataParallel)
+        if self.ddp_dynamic and wrapped and (not ddp.find_unused_parameters or ddp.static_graph):
+            raise ValueError(
+                f"finetune={self.strategy.cfg.name} changes the trainable layer groups during training; under "
+                "DDP that needs find_unused_parameters=True and static_graph=False, e.g. "
+                "trainer.strategy=ddp_find_unused_parameters_true (Lightning #20340)"
+            )
+        self._freeze(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply(trainer, pl_module)
+        self._freeze(trainer, pl_module)
+        scale_backbone_lrs(trainer, len(self.groups), self.strategy.backbone_lr_scale(trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, idx: int) -> None:
+        apply_bn_modes(self.groups, self.trainable, self.bn)

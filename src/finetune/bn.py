@@ -1,0 +1,84 @@
+"""What batch-norm layers inside FROZEN layer groups do — libraries disagree, so it is three explicit knobs.
+
+`requires_grad=False` alone leaves a BN layer half-frozen: its running statistics still move with every
+training batch (PyTorch's default), so the "frozen" features drift. The policy (recorded with the config):
+
+- ``eval_mode``: the layer runs in eval mode while training — it normalises with its running statistics and
+  never updates them (fastai's ``BnFreeze``, Keras' frozen ``BatchNormalization``). Frozen features are then
+  exactly the pretrained ones, in training and evaluation alike.
+- ``update_stats`` (only without ``eval_mode``): normalise with batch statistics (train mode) and keep updating
+  the running statistics (PyTorch's default), or not (running statistics stay the pretrained ones; evaluation
+  uses them).
+- ``train_affine``: the layer's scale/shift (gamma, beta) keep training although their group is frozen (fastai's
+  ``train_bn=True``; "Training BatchNorm and only BatchNorm", Frankle et al. 2021).
+
+BN layers in trainable groups are left as PyTorch has them (train mode, statistics updated, affine trained).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from src.backbones.base import LayerGroup
+from src.schema import check
+
+
+@dataclass
+class BatchNormPolicy:
+    """Applied to BN layers of frozen layer groups only; the defaults freeze them completely (fastai's BnFreeze)."""
+
+    train_affine: bool = False
+    update_stats: bool = False
+    eval_mode: bool = True
+
+    def __post_init__(self) -> None:
+        check(
+            not (self.eval_mode and self.update_stats),
+            "bn.update_stats: eval_mode never updates running statistics; set one of them to false",
+        )
+
+
+def batch_norms(group: LayerGroup) -> Iterator[_BatchNorm]:
+    """The BN layers (any dimension, SyncBatchNorm included) inside a layer group's modules."""
+    for module in group.modules:
+        for m in module.modules():
+            if isinstance(m, _BatchNorm):
+                yield m
+
+
+def _has_stats(bn: _BatchNorm) -> bool:
+    return bn.running_mean is not None
+
+
+def apply_bn_policy(groups: list[LayerGroup], trainable: set[int], policy: BatchNormPolicy, training: bool) -> None:
+    """Set mode, statistics tracking and affine `requires_grad` of every BN layer from the frozen set.
+
+    Run after `requires_grad` of the groups was set; idempotent, so it can be re-applied whenever Lightning
+    may have put the module back into train mode.
+    """
+    for i, group in enumerate(groups):
+        frozen = i not in trainable
+        for bn in batch_norms(group):
+            if frozen and policy.train_affine:
+                for p in bn.parameters(recurse=False):
+                    p.requires_grad_(True)
+            if _has_stats(bn):
+                # track_running_stats=False in train mode: batch statistics, buffers untouched; eval still uses them.
+                bn.track_running_stats = not frozen or policy.update_stats
+                bn.train(training)
+    if training:
+        apply_bn_modes(groups, trainable, policy)
+
+
+def apply_bn_modes(groups: list[LayerGroup], trainable: set[int], policy: BatchNormPolicy) -> None:
+    """Only the eval-mode part, cheap enough for every training batch (Lightning restores train mode after eval)."""
+    if not policy.eval_mode:
+        return
+    for i, group in enumerate(groups):
+        if i not in trainable:
+            for bn in batch_norms(group):
+                if _has_stats(bn):
+                    bn.eval()

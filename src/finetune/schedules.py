@@ -1,0 +1,140 @@
+"""Freezing schedules: which backbone layer groups train at which epoch (`FreezeSchedule` applies them).
+
+Groups are indexed input -> output; "from the top" means from the group next to the head downwards. The head
+always trains. Each schedule is a pure function of the epoch, so resuming mid-schedule restores it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from src.backbones.base import Backbone
+from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
+from src.schema import check
+
+
+def top_groups(count: int, n_groups: int) -> set[int]:
+    """The `count` groups nearest the head."""
+    if count > n_groups:
+        raise ValueError(f"asked for {count} layer groups from the top, but the backbone has {n_groups}")
+    return set(range(n_groups - count, n_groups))
+
+
+@dataclass
+class PartialConfig(FinetuneConfig):
+    name: str = "partial"
+    k: int = 1  # the first k groups (input side) stay frozen
+
+    def __post_init__(self) -> None:
+        check(self.k >= 0, f"k: must be >= 0; got {self.k}")
+
+
+@FINETUNE.register("partial", PartialConfig)
+class Partial(Strategy):
+    """Shallow, generic layers frozen for the whole run; the deeper groups and the head train."""
+
+    def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
+        if self.cfg.k > n_groups:
+            raise ValueError(f"finetune.k={self.cfg.k}, but the backbone has only {n_groups} layer groups")
+        return set(range(self.cfg.k, n_groups))
+
+
+@dataclass
+class GradualUnfreezeConfig(FinetuneConfig):
+    name: str = "gradual_unfreeze"
+    every_n_epochs: int = 1  # epochs between two unfreezing steps
+    groups_per_step: int = 1  # layer groups unfrozen at each step
+
+    def __post_init__(self) -> None:
+        check(self.every_n_epochs >= 1, f"every_n_epochs: must be >= 1; got {self.every_n_epochs}")
+        check(self.groups_per_step >= 1, f"groups_per_step: must be >= 1; got {self.groups_per_step}")
+
+
+@FINETUNE.register("gradual_unfreeze", GradualUnfreezeConfig)
+class GradualUnfreeze(Strategy):
+    """ULMFiT (Howard & Ruder 2018): the head alone first, then `groups_per_step` more groups from the top every
+    `every_n_epochs` epochs, until everything trains."""
+
+    def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
+        steps = epoch // self.cfg.every_n_epochs
+        return top_groups(min(n_groups, steps * self.cfg.groups_per_step), n_groups)
+
+
+@dataclass
+class Milestone:
+    epoch: int = 0
+    unfreeze: Any = "all"  # a count of groups from the top, a list of group names, or "all"
+
+    def __post_init__(self) -> None:
+        check(self.epoch >= 0, f"milestones.epoch: must be >= 0; got {self.epoch}")
+        u = self.unfreeze
+        valid = (
+            u == "all"
+            or (isinstance(u, int) and not isinstance(u, bool) and u >= 0)
+            or (isinstance(u, list) and all(isinstance(name, str) for name in u))
+        )
+        check(valid, f"milestones.unfreeze: a count >= 0, a list of layer-group names or 'all'; got {u!r}")
+
+
+@dataclass
+class MilestonesConfig(FinetuneConfig):
+    name: str = "milestones"
+    milestones: list[Milestone] = field(default_factory=lambda: [Milestone(0, 1), Milestone(2, "all")])
+
+
+@FINETUNE.register("milestones", MilestonesConfig)
+class Milestones(Strategy):
+    """Explicit schedule: from each milestone's epoch on, its groups train too (unfreezing is cumulative); before
+    the first milestone only the head trains."""
+
+    def __init__(self, cfg: MilestonesConfig) -> None:
+        super().__init__(cfg)
+        self.group_names: list[str] | None = None
+
+    def prepare(self, backbone: Backbone) -> Backbone:
+        """Learn the group names now, so a misspelt one fails before any training."""
+        self.group_names = [g.name for g in backbone.layer_groups()]
+        for milestone in self.cfg.milestones:
+            self._groups(milestone, len(self.group_names))
+        return backbone
+
+    def _groups(self, milestone: Milestone, n_groups: int) -> set[int]:
+        u = milestone.unfreeze
+        if u == "all":
+            return set(range(n_groups))
+        if isinstance(u, int):
+            return top_groups(u, n_groups)
+        if self.group_names is None:
+            raise RuntimeError("milestones by group name need Milestones.prepare(backbone) first")
+        unknown = [name for name in u if name not in self.group_names]
+        if unknown:
+            raise ValueError(f"milestones.unfreeze: unknown layer groups {unknown}; choose from {self.group_names}")
+        return {self.group_names.index(name) for name in u}
+
+    def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
+        reached = [m for m in self.cfg.milestones if m.epoch <= epoch]
+        return set().union(*(self._groups(m, n_groups) for m in reached))
+
+
+@dataclass
+class LpFtConfig(FinetuneConfig):
+    name: str = "lp_ft"
+    probe_epochs: int = 1  # epochs of linear probing (backbone frozen) before fine-tuning everything
+    ft_lr_scale: float = 0.1  # multiplies the backbone groups' LRs from the first fine-tuning epoch on
+
+    def __post_init__(self) -> None:
+        check(self.probe_epochs >= 0, f"probe_epochs: must be >= 0; got {self.probe_epochs}")
+        check(self.ft_lr_scale > 0, f"ft_lr_scale: must be > 0; got {self.ft_lr_scale}")
+
+
+@FINETUNE.register("lp_ft", LpFtConfig)
+class LpFt(Strategy):
+    """LP-FT (Kumar et al. 2022): probe first so fine-tuning starts from a fitted head and distorts the pretrained
+    features less, then fine-tune the whole network with the backbone at a lower LR."""
+
+    def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
+        return set() if epoch < self.cfg.probe_epochs else set(range(n_groups))
+
+    def backbone_lr_scale(self, epoch: int) -> float:
+        return 1.0 if epoch < self.cfg.probe_epochs else self.cfg.ft_lr_scale
