@@ -32,14 +32,14 @@ def run(cfg: RunConfig, raw: DictConfig) -> float:
     with MLflowRun(cfg.tracking, context.launch_dir, build.run_name(cfg, context), build.tags(cfg, context)) as tracker:
         build.log_config(tracker, raw, context)
         pl.seed_everything(cfg.seed, workers=True)
-        strategy = FINETUNE.build(raw.finetune)
+        strategy = FINETUNE.build(raw.finetune, client=tracker.client)
         backbone = BACKBONES.build(raw.backbone, pretrained=strategy.pretrained)
         if cfg.finetune.init_from:
             load_backbone(backbone, cfg.finetune.init_from, tracker.client)
         backbone = strategy.prepare(backbone)
-        regularizers = regularization.build(cfg.regularization, backbone)
         datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed)
         datamodule.setup("fit")
+        regularizers = regularization.build(cfg.regularization, backbone, datamodule.num_classes)
         head = ClassifierHead(backbone.feature_dim, datamodule.num_classes, cfg.regularization.head_dropout)
         module = TransferModule(
             backbone,

@@ -1,0 +1,75 @@
+"""Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on image batches, with soft-label targets.
+
+The mixed targets go to the batch as `soft_labels`; `TransferModule` then uses them as cross-entropy targets,
+where `label_smoothing` still applies (torch smooths probability targets too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from src.schema import check
+
+
+@dataclass
+class MixupConfig:
+    prob: float = 0.0  # probability that a training batch is mixed; 0 = off
+    mixup_alpha: float = 0.2  # Beta(a, a) of the mixup coefficient; 0 = no mixup (cutmix only)
+    cutmix_alpha: float = 0.0  # Beta(a, a) of the cutmix area; 0 = no cutmix
+    switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup for a batch
+
+    def __post_init__(self) -> None:
+        check(0 <= self.prob <= 1, f"mixup.prob: must be in [0, 1]; got {self.prob}")
+        check(self.mixup_alpha >= 0, f"mixup.mixup_alpha: must be >= 0; got {self.mixup_alpha}")
+        check(self.cutmix_alpha >= 0, f"mixup.cutmix_alpha: must be >= 0; got {self.cutmix_alpha}")
+        check(0 <= self.switch_prob <= 1, f"mixup.switch_prob: must be in [0, 1]; got {self.switch_prob}")
+        check(
+            self.prob == 0 or self.mixup_alpha > 0 or self.cutmix_alpha > 0,
+            "mixup.prob > 0 needs mixup_alpha > 0 or cutmix_alpha > 0",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0
+
+
+def _beta(alpha: float) -> float:
+    return float(torch.distributions.Beta(alpha, alpha).sample())
+
+
+def _cutmix_box(height: int, width: int, lam: float) -> tuple[slice, slice]:
+    """A box covering about `1 - lam` of the image, centred uniformly at random (clipped at the borders)."""
+    cut = (1 - lam) ** 0.5
+    h, w = int(height * cut), int(width * cut)
+    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+    return slice(max(cy - h // 2, 0), min(cy + h // 2, height)), slice(max(cx - w // 2, 0), min(cx + w // 2, width))
+
+
+class Mixup:
+    """Batch transform: mixes each sample with a random other one of the batch (a permutation), images and labels."""
+
+    def __init__(self, cfg: MixupConfig, num_classes: int) -> None:
+        self.cfg, self.num_classes = cfg, num_classes
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if float(torch.rand(())) >= cfg.prob:
+            return batch
+        x = batch["pixel_values"]
+        targets = batch.get("soft_labels")
+        if targets is None:
+            targets = F.one_hot(batch["labels"], self.num_classes).to(x.dtype)
+        perm = torch.randperm(len(x), device=x.device)
+        use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or float(torch.rand(())) < cfg.switch_prob)
+        if use_cutmix:
+            rows, cols = _cutmix_box(x.shape[-2], x.shape[-1], _beta(cfg.cutmix_alpha))
+            mixed = x.clone()
+            mixed[..., rows, cols] = x[perm][..., rows, cols]
+            lam = 1 - (rows.stop - rows.start) * (cols.stop - cols.start) / (x.shape[-2] * x.shape[-1])
+        else:
+            lam = _beta(cfg.mixup_alpha)
+            mixed = lam * x + (1 - lam) * x[perm]
+        return {**batch, "pixel_values": mixed, "soft_labels": lam * targets + (1 - lam) * targets[perm]}
