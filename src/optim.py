@@ -31,8 +31,17 @@ class OptimConfig:
     layer_decay: float = 1.0  # group i (from the head) gets lr * layer_decay**i
     group_lrs: list[float] | None = None  # explicit LRs, backbone groups input->output then head
     scheduler: str = "warmup_cosine"
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # onecycle: the fraction spent ramping up (torch's pct_start)
     min_lr_ratio: float = 0.0
+    onecycle_start_ratio: float = 0.04  # onecycle: LR at step 0 as a fraction of the peak (torch's 1/div_factor)
+    lr_find: bool = False  # run the ratio-keeping LR finder before fit (src/lr_finder.py)
+    lr_find_steps: int = 100
+    lr_find_min_lr: float = 1.0e-6  # range of the swept base LR (`lr`); every group keeps its ratio to it
+    lr_find_max_lr: float = 1.0
+    lr_find_smoothing: float = 0.98  # EMA weight of the past in the smoothed loss curve
+    lr_find_diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+    lr_find_suggestion: str = "steepest"  # steepest | min_div_10
+    lr_find_apply: bool = False  # train with the suggested base LR instead of `lr`
 
     def __post_init__(self) -> None:
         check_choice(self.name, "name", ("adamw", "sgd"))
@@ -47,18 +56,34 @@ class OptimConfig:
         check_choice(self.scheduler, "scheduler", ("warmup_cosine", "linear", "onecycle", "constant"))
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1]; got {self.min_lr_ratio}")
+        check(
+            0 < self.onecycle_start_ratio <= 1,
+            f"onecycle_start_ratio: must be in (0, 1]; got {self.onecycle_start_ratio}",
+        )
+        check(self.lr_find_steps >= 2, f"lr_find_steps: must be >= 2; got {self.lr_find_steps}")
+        check(
+            0 < self.lr_find_min_lr < self.lr_find_max_lr,
+            f"lr_find_min_lr/lr_find_max_lr: need 0 < min < max; got {self.lr_find_min_lr}, {self.lr_find_max_lr}",
+        )
+        check(0 <= self.lr_find_smoothing < 1, f"lr_find_smoothing: must be in [0, 1); got {self.lr_find_smoothing}")
+        check(self.lr_find_diverge > 1, f"lr_find_diverge: must be > 1; got {self.lr_find_diverge}")
+        check_choice(self.lr_find_suggestion, "lr_find_suggestion", ("steepest", "min_div_10"))
 
 
-def lr_factor(step: int, total: int, scheduler: str, warmup_ratio: float, min_lr_ratio: float) -> float:
-    """Multiplier of the base LR at `step` of `total` optimizer steps."""
+def lr_factor(
+    step: int, total: int, scheduler: str, warmup_ratio: float, min_lr_ratio: float, onecycle_start_ratio: float
+) -> float:
+    """Multiplier of every group's base LR at `step` of `total` optimizer steps.
+
+    warmup_cosine/linear: linear warmup, then cosine/linear decay to `min_lr_ratio`; onecycle: cosine ramp from
+    `onecycle_start_ratio` over the warmup, then cosine decay (torch's OneCycleLR shape, without momentum cycling).
+    """
     if scheduler == "constant":
         return 1.0
     warmup = int(total * warmup_ratio)
-    if scheduler == "onecycle":
-        warmup = max(warmup, int(0.3 * total))
     if step < warmup:
-        if scheduler == "onecycle":  # cosine ramp from lr/25, as torch's OneCycleLR
-            start = 1 / 25
+        if scheduler == "onecycle":
+            start = onecycle_start_ratio
             return start + (1 - start) * (1 - math.cos(math.pi * step / warmup)) / 2
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -85,6 +110,7 @@ def configure_optimizers(module: pl.LightningModule, cfg: OptimConfig, weight_de
         scheduler=cfg.scheduler,
         warmup_ratio=cfg.warmup_ratio,
         min_lr_ratio=cfg.min_lr_ratio,
+        onecycle_start_ratio=cfg.onecycle_start_ratio,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -14,7 +14,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from src import build, regularization
+from src import build, lr_finder, regularization
 from src.backbones import BACKBONES
 from src.config import ConfigError, RunConfig, validate
 from src.data import DATA
@@ -51,6 +51,8 @@ def run(cfg: RunConfig, raw: DictConfig) -> float:
             loss_terms=strategy.loss_terms() + regularizers.loss_terms,
             ce_weight=strategy.ce_weight,
         )
+        if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
+            lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
         checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks], context)
         trainer = pl.Trainer(**cfg.trainer, callbacks=callbacks, logger=tracker.logger())
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -29,7 +29,7 @@ def test_ratios_hold_under_every_schedule(scheduler: str, decay: float) -> None:
     cfg = OptimConfig(lr=1e-2, layer_decay=decay, scheduler=scheduler, warmup_ratio=0.2)
     optimizer = build_optimizer(cfg, groups, head, weight_decay=0.01)
     total = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, scheduler, 0.2, 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, scheduler, 0.2, 0.0, 0.04))
     n = len(groups)
     seen_factors = set()
     for _ in range(total):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from src.backbones.base import Backbone
 from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
 from src.schema import check
@@ -88,8 +90,8 @@ class Milestones(Strategy):
     """Explicit schedule: from each milestone's epoch on, its groups train too (unfreezing is cumulative); before
     the first milestone only the head trains."""
 
-    def __init__(self, cfg: MilestonesConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: MilestonesConfig, client: MlflowClient | None = None) -> None:
+        super().__init__(cfg, client)
         self.group_names: list[str] | None = None
 
     def prepare(self, backbone: Backbone) -> Backbone:
