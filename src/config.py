@@ -22,11 +22,26 @@ from src.schema import ConfigError, check, check_choice
 
 
 @dataclass
+class SecondaryObjective:
+    """A further objective of multi-objective sweeps: the last logged value of any metric (e.g. trainable_params)."""
+
+    metric: str
+    direction: str = "minimize"
+
+    def __post_init__(self) -> None:
+        check_choice(self.direction, "direction", ("maximize", "minimize"))
+
+
+@dataclass
 class Objective:
-    """The number a run reports to sweepers; `metric` is any logged `val/*` metric."""
+    """The number a run reports to sweepers; `metric` is any logged `val/*` metric.
+
+    With `secondary` objectives the run returns a list, `metric` first (the one checkpoints monitor).
+    """
 
     metric: str = "val/acc"
     direction: str = "maximize"
+    secondary: list[SecondaryObjective] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice(self.direction, "direction", ("maximize", "minimize"))
@@ -34,6 +49,14 @@ class Objective:
             self.metric.startswith("val/"),
             f"metric: must be a validation metric 'val/...'; got {self.metric!r}",
         )
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric, *(s.metric for s in self.secondary)]
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.direction, *(s.direction for s in self.secondary)]
 
 
 @dataclass
@@ -82,7 +105,7 @@ def _parse(key: str, parse: Callable[[], Any]) -> Any:
         where = f"{key}.{sub}" if sub and not str(sub).startswith(key) else (sub or key)
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"{where}: {msg}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         msg = e.args[0] if e.args else str(e)
         raise ConfigError(f"{key}.{msg}" if ":" in str(msg).split()[0] else f"{key}: {msg}") from None
 

@@ -48,3 +48,8 @@ def test_cli_rejects_bad_config_before_compute(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "Invalid config: optim.lr: must be > 0" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists(), "no run may start for an invalid config"
+
+
+def test_missing_data_file_fails_at_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^data\.train_path: no such file"):
+        validate(composed("data=text_table", f"data.train_path={tmp_path / 'absent.tsv'}"))

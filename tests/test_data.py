@@ -261,7 +261,7 @@ def test_text_table_errors(tmp_path: Path, text_pre: Preprocessing) -> None:
     with pytest.raises(ValueError, match="cannot infer the format of 'data.txt'"):
         DATA.config({"name": "text_table", "train_path": "data.txt"})
     with pytest.raises(ValueError, match="val_fraction: must be in \\(0, 1\\), got 1.5"):
-        DATA.config({"name": "text_table", "train_path": "a.csv", "val_fraction": 1.5})
+        DATA.config({"name": "text_table", "train_path": str(train), "val_fraction": 1.5})
 
 
 def test_sst2(text_pre: Preprocessing) -> None:

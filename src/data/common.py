@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -37,6 +38,18 @@ class DataConfig:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples: must be >= 1 or null, got {self.max_train_samples}")
+
+
+def check_path(key: str, path: str | None, directory: bool = False) -> None:
+    """Fail at config validation, before any model is loaded, when an input file/folder is missing."""
+    if path is None:
+        return
+    found = Path(path).is_dir() if directory else Path(path).is_file()
+    if not found:
+        kind = "directory" if directory else "file"
+        raise FileNotFoundError(
+            f"{key}: no such {kind} {path!r} (relative paths resolve against the launch directory {Path.cwd()})"
+        )
 
 
 def check_fraction(field_name: str, value: float) -> None:

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from src.data import DATA
-from src.data.common import ClassificationDataModule, DataConfig, check_fraction, fraction_split
+from src.data.common import ClassificationDataModule, DataConfig, check_fraction, check_path, fraction_split
 from src.data.transforms import (
     CenterCrop,
     Compose,
@@ -50,6 +50,8 @@ class ImageFolderConfig(DataConfig):
         if self.train_dir == MISSING:
             raise ValueError(f"train_dir: required, got {self.train_dir!r}")
         check_fraction("val_fraction", self.val_fraction)
+        for key in ("train_dir", "val_dir", "test_dir"):
+            check_path(key, getattr(self, key), directory=True)
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size: must be >= 1 or null, got {self.image_size}")
         if not self.extensions:
@@ -62,10 +64,6 @@ def scan_folder(key: str, root: Path, extensions: list[str]) -> tuple[list[str],
     Files with a listed extension that Pillow cannot open are skipped here, with one warning, so a stray bad
     file cannot crash a DataLoader worker mid-epoch.
     """
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{key}: no such directory {str(root)!r} (relative paths resolve against the launch directory {Path.cwd()})"
-        )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"{key}: {root} has no class sub-folders")

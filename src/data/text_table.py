@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from transformers import DataCollatorWithPadding
 
 from src.data import DATA
-from src.data.common import ClassificationDataModule, DataConfig, check_fraction, fraction_split
+from src.data.common import ClassificationDataModule, DataConfig, check_fraction, check_path, fraction_split
 
 if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
     from src.backbones.base import Preprocessing
@@ -51,6 +51,7 @@ class TextTableConfig(DataConfig):
         for key in ("train_path", "val_path", "test_path"):
             if getattr(self, key) is not None:
                 self.format_of(key)
+                check_path(key, getattr(self, key))
         check_fraction("val_fraction", self.val_fraction)
         if self.max_length < 1:
             raise ValueError(f"max_length: must be >= 1, got {self.max_length}")
@@ -130,10 +131,6 @@ class TextTableDataModule(ClassificationDataModule):
 
     def _read(self, key: str) -> _Table:
         path = Path(getattr(self.cfg, key))
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{key}: no such file {str(path)!r} (relative paths resolve against the launch directory {Path.cwd()})"
-            )
         rows, columns = read_table(path, self.cfg.format_of(key))
 
         def column(name: str) -> list[str]:
