@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from src.backbones import BACKBONES
 from src.finetune.param_groups import layer_lrs
 from src.module import ClassifierHead
 from src.optim import OptimConfig, build_optimizer, lr_factor
+from tests.conftest import run_cli
 
 
 def small_cnn():
@@ -64,3 +70,47 @@ def test_explicit_group_lrs() -> None:
     lrs = [0.001 * (i + 1) for i in range(n + 1)]
     optimizer = build_optimizer(OptimConfig(group_lrs=lrs), backbone.layer_groups(), ClassifierHead(8, 2), 0.0)
     assert {g["layer_group"]: g["lr"] for g in optimizer.param_groups} == dict(enumerate(lrs))
+
+
+def test_onecycle_ramp_follows_its_knobs() -> None:
+    """The ramp lasts warmup_ratio of the steps and starts at onecycle_start_ratio (no hidden constants)."""
+    factors = [lr_factor(s, 100, "onecycle", 0.2, 0.0, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1)
+    assert max(factors) == pytest.approx(1.0) and int(np.argmax(factors)) == 20
+    assert factors[-1] < 0.01
+
+
+def test_mlflow_lr_group_ratios_under_two_schedulers(tmp_path: Path) -> None:
+    """A real multirun: per-epoch `lr-group-<i>` metrics keep lr * d^i (head = 0, times head_lr_mult) through
+    warmup and annealing; under gradual_unfreeze `trainable_params` rises epoch by epoch."""
+    d, mult = 0.5, 2.0
+    proc = run_cli(
+        [
+            "-m",
+            "optim.scheduler=warmup_cosine,onecycle",
+            f"optim.layer_decay={d}",
+            f"optim.head_lr_mult={mult}",
+            "optim.warmup_ratio=0.5",
+            "finetune=gradual_unfreeze",
+            "data.batch_size=16",
+            "trainer.max_epochs=4",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id])
+    assert sorted(r.data.params["optim.scheduler"] for r in runs) == ["onecycle", "warmup_cosine"]
+    for run in runs:
+
+        def history(key: str, run_id: str = run.info.run_id) -> list[float]:
+            return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+        head = history("lr-group-3")
+        assert len(head) == 4 and len(set(head)) == 4, "the schedule must move the LR every epoch"
+        assert head[0] < head[1], "epoch 1 is still warming up"
+        for i in range(3):
+            ratios = [lr / h for lr, h in zip(history(f"lr-group-{i}"), head, strict=True)]
+            assert ratios == pytest.approx([d ** (3 - i) / mult] * 4, rel=1e-9)
+        trainable = history("trainable_params")
+        assert all(a < b for a, b in itertools.pairwise(trainable)), trainable
