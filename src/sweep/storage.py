@@ -23,7 +23,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from src.sweep.config import SweepConfig
+from src.sweep.schema import SweepConfig
 from src.tracking import resolve_uri
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ resumes the study: finished trials are kept, trials of dead workers are failed b
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from optuna.trial import TrialState
 from src.config import RunConfig, validate
 from src.schema import ConfigError
 from src.sweep import config as sweep_config
-from src.sweep.config import SweepConfig, SweepError
+from src.sweep.schema import SweepConfig, SweepError
 from src.sweep.storage import Heartbeat, open_storage, resolve
 from src.sweep.tracking import StudyRun, study_params
 from src.sweep.trial import ERROR_ATTR, ROLE_TAG, STUDY_TAG
@@ -81,8 +82,8 @@ class StudySweep:
         self.run_cfg: RunConfig = validate(config)
         self.launch_dir = Path(config.hydra.runtime.cwd)
         self.metrics = self.run_cfg.objective.metrics
-        if len(self.metrics) > 1 and self.settings.pruner["name"] != "none":
-            raise SweepError("sweep.pruner: Optuna prunes single-objective studies only; use {name: none}")
+        if len(self.metrics) > 1 and self.settings.pruner != "none":
+            raise SweepError("sweep.pruner: Optuna prunes single-objective studies only; use sweep.pruner=none")
         self.name = self.settings.study_name or config.hydra.runtime.choices.get("sweep")
         self.url = resolve(self.settings.storage, self.run_cfg.tracking.uri, self.launch_dir)
 
@@ -96,11 +97,13 @@ class StudySweep:
         return [o.input_line for o in fixed], space | dims
 
     def n_trials(self, space: dict[str, BaseDistribution]) -> int:
-        if self.settings.n_trials is not None:
-            return self.settings.n_trials
-        if self.settings.sampler["name"] == "grid":
-            return sweep_config.grid_size(space)
-        raise SweepError("sweep.n_trials: required (except with the grid sampler, whose size it defaults to)")
+        """`sweep.n_trials`; a grid runs each point once, so at most (and by default) the grid's size."""
+        n = self.settings.n_trials
+        if self.settings.sampler == "grid":
+            return min(n or math.inf, sweep_config.grid_size(space))
+        if n is None:
+            raise SweepError("sweep.n_trials: required (except with the grid sampler, whose size it defaults to)")
+        return n
 
     def n_jobs(self) -> int:
         """Trials per batch: `sweep.n_jobs`, else what the launcher runs at once (joblib n_jobs, SLURM array)."""
@@ -119,8 +122,8 @@ class StudySweep:
         study = optuna.create_study(
             study_name=self.name,
             storage=storage,
-            sampler=sweep_config.sampler(self.settings.sampler, space, seen),
-            pruner=sweep_config.pruner(self.settings.pruner),
+            sampler=sweep_config.sampler(self.settings, space, seen),
+            pruner=sweep_config.pruner(self.settings),
             directions=self.run_cfg.objective.directions,
             load_if_exists=True,
         )
@@ -145,12 +148,18 @@ class StudySweep:
         returns: list[Sequence[JobReturn]] = []
         with StudyRun(self.run_cfg.tracking, self.launch_dir, f"sweep-{self.name}", tags) as parent:
             study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
-            settings = OmegaConf.to_container(OmegaConf.structured(self.settings))
-            for key in ("params", "trial"):
-                settings.pop(key)
-            settings |= {"n_trials": n_trials, "n_jobs": n_jobs, "storage": self.url, "study_name": self.name}
-            settings |= {"metrics": ",".join(self.metrics), "directions": ",".join(self.run_cfg.objective.directions)}
-            parent.log_new_params(study_params(settings, {k: sweep_config.describe(d) for k, d in space.items()}))
+            objective = self.run_cfg.objective
+            params = study_params(
+                self.settings,
+                space,
+                study_name=self.name,
+                storage=self.url,
+                n_trials=n_trials,
+                n_jobs=n_jobs,
+                metrics=",".join(objective.metrics),
+                directions=",".join(objective.directions),
+            )
+            parent.log_new_params(params)
             parent.log_text(OmegaConf.to_yaml(self.config.sweep), "sweep.yaml")
             while (batch := self.next_batch(study, parent, n_trials, n_jobs, space)) is not None:
                 if batch:

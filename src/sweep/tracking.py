@@ -5,7 +5,6 @@ It is found again by its study tag on relaunch, so a resumed study keeps one par
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections import Counter
@@ -16,8 +15,11 @@ import numpy as np
 import optuna
 from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from src.sweep.config import describe
+from src.sweep.schema import SweepConfig
 from src.sweep.trial import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking import MLflowRun
 
@@ -60,7 +62,7 @@ class StudyRun(MLflowRun):
         states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
         children = self.client.search_runs(
             [self.experiment_id],
-            f"tags.{MLFLOW_PARENT_RUN_ID} = '{self.run_id}' and attributes.status = 'RUNNING'",
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status = 'RUNNING'",
         )
         for child in children:
             state = states.get(int(child.data.tags.get(TRIAL_TAG, -1)))
@@ -144,12 +146,14 @@ def _plots(metrics: list[str]) -> list[tuple[str, Callable[..., Any], dict[str, 
     return plots
 
 
-def study_params(settings: Mapping[str, Any], space: Mapping[str, str]) -> dict[str, str]:
-    """Flat MLflow params of a sweep: its settings (sampler.*, pruner.*, ...) and `space.<key>` per dimension."""
-    out = {f"space.{k}": v for k, v in space.items()}
-    for key, value in settings.items():
-        if isinstance(value, Mapping):
-            out |= {f"{key}.{k}": json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in value.items()}
-        elif value is not None:
-            out[key] = str(value)
-    return out
+def study_params(settings: SweepConfig, space: Mapping[str, BaseDistribution], **more: Any) -> dict[str, str]:
+    """Flat MLflow params of a sweep: sampler and pruner with their arguments (`sampler.multivariate`, ...),
+    `space.<key>` per dimension, the run-time settings, and `more` (resolved storage, n_trials, ...)."""
+    out = {f"space.{k}": describe(d) for k, d in space.items()}
+    for role in ("sampler", "pruner"):
+        name = getattr(settings, role)
+        out[role] = name
+        out |= {f"{role}.{k}": str(v) for k, v in settings.kwargs.get(name, {}).items()}
+    for key in ("seed", "max_retry", "heartbeat_interval", "grace_period"):
+        out[key] = str(getattr(settings, key))
+    return out | {k: str(v) for k, v in more.items()}

@@ -99,7 +99,7 @@ class JobTrial:
             study_name=s.study_name,
             storage=open_storage(s.storage, s),
             sampler=optuna.samplers.RandomSampler(),  # the job never samples: its params came as overrides
-            pruner=sweep_config.pruner(s.pruner),
+            pruner=sweep_config.pruner(s),
         )
         storage = study._storage
         trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, s.trial)

@@ -1,0 +1,230 @@
+"""Optuna sweeps end to end: `python -m src.run -m sweep=digits_lr ...` as a subprocess, checked through the real
+Optuna storage and MLflow store it leaves in tmp_path (no mocks). Short runs: 3 epochs of the digits transfer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from src.sweep.config import grid_size, load, search_space
+from src.sweep.schema import SweepConfig, SweepError
+from src.sweep.storage import HeartbeatJournalStorage, is_journal, open_storage
+from src.sweep.study import override_value
+from tests.conftest import REPO, run_cli
+
+STUDY = "digits_lr"
+FAST = ["trainer.max_epochs=3", "sweep.heartbeat_interval=1", "sweep.grace_period=4"]
+
+
+def isolated(tmp: Path, storage: str | None = None) -> list[str]:
+    """Every store under tmp: MLflow db + artifacts, the Optuna storage, Hydra's multirun dir."""
+    return [
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.artifact_location={tmp / 'mlruns'}",
+        f"sweep.storage={storage or tmp / 'optuna.journal'}",
+        f"hydra.sweep.dir={tmp / 'multirun'}",
+    ]
+
+
+def sweep(tmp: Path, *args: str, storage: str | None = None) -> subprocess.CompletedProcess:
+    proc = run_cli(["-m", f"sweep={STUDY}", *FAST, *isolated(tmp, storage), *args], tmp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def study(tmp: Path, storage: str | None = None) -> optuna.Study:
+    url = storage or str(tmp / "optuna.journal")
+    return optuna.load_study(study_name=STUDY, storage=open_storage(url, SweepConfig()) if is_journal(url) else url)
+
+
+def mlflow_runs(tmp: Path) -> tuple[object, list]:
+    """(the sweep's parent run, its child runs)."""
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer-lab")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.optuna_role = 'study'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, children
+
+
+def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials that count towards n_trials: a trial retried after its worker died counts once."""
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return [t for t in trials if t.state.is_finished() and t.number not in retried]
+
+
+def test_pruning_sweep_records_complete_and_pruned_trials(tmp_path: Path) -> None:
+    sweep(tmp_path, "sweep.n_trials=6")
+    trials = study(tmp_path).trials
+    states = [t.state for t in trials]
+    assert len(trials) == 6 and set(states) == {TrialState.COMPLETE, TrialState.PRUNED}, states
+    epochs = {t.number: len(t.intermediate_values) for t in trials}
+    assert all(epochs[t.number] == 3 for t in trials if t.state == TrialState.COMPLETE)
+    assert all(epochs[t.number] < 3 for t in trials if t.state == TrialState.PRUNED)
+
+    parent, children = mlflow_runs(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
+    assert sorted(by_trial) == [t.number for t in trials], "one child run per trial"
+    for t in trials:
+        child = by_trial[t.number]
+        assert child.info.status == "FINISHED" and child.data.tags["optuna_state"] == t.state.name
+        assert child.data.tags.get("pruned") == ("true" if t.state == TrialState.PRUNED else None)
+        assert float(child.data.params["optim.lr"]) == pytest.approx(t.params["optim.lr"])
+        history = client.get_metric_history(child.info.run_id, "val/acc")
+        assert len(history) == epochs[t.number], "the pruned job stopped training early"
+        assert t.user_attrs["mlflow_run_id"] == child.info.run_id
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
+    assert parent.data.params["space.optim.lr"] == "log-float[0.0001, 0.3]"
+    best = study(tmp_path).best_trial
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.tags["best_trial"] == str(best.number)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {f"plots/{p}.png" for p in ("history", "parallel_coordinate", "param_importances")} <= artifacts
+    assert "plots/intermediate_values.png" in artifacts
+
+
+def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "src.run", "-m", f"sweep={STUDY}", *FAST, *isolated(tmp_path), "sweep.n_trials=5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if (tmp_path / "optuna.journal").exists() and len(counted(study(tmp_path).trials)) >= 2:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = {t.number: t for t in counted(study(tmp_path).trials)}
+    assert len(before) >= 2, "the sweep should have finished two trials before the kill"
+
+    sweep(tmp_path, "sweep.n_trials=5")
+    trials = study(tmp_path).trials
+    assert len(counted(trials)) == 5
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for number, old in before.items():  # finished trials are kept as they were
+        assert (trials[number].state, trials[number].params, trials[number].values) == (
+            old.state,
+            old.params,
+            old.values,
+        )
+    killed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is None for t in killed)
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None]
+    assert {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in retries} == {t.number for t in killed}
+
+    parent, children = mlflow_runs(tmp_path)  # the relaunch reused the parent run
+    assert parent.info.status == "FINISHED"
+    assert not [c for c in children if c.info.status == "RUNNING"], "the killed trial's run is closed"
+    assert {c.data.tags["optuna_state"] for c in children if c.info.status == "FAILED"} <= {"FAIL"}
+
+
+def test_two_joblib_workers_share_one_sqlite_study(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = sweep(tmp_path, "sweep.n_trials=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", storage=storage)
+    assert "database is locked" not in proc.stderr + proc.stdout
+    assert "is launching 2 jobs" in proc.stdout + proc.stderr, "batches of two trials run in parallel"
+    trials = study(tmp_path, storage).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    _, children = mlflow_runs(tmp_path)
+    assert sorted(int(c.data.tags["optuna_trial"]) for c in children) == [0, 1, 2, 3], "each trial recorded once"
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_failing_trials_are_recorded_and_the_sweep_completes(tmp_path: Path) -> None:
+    # Grid over a diverging LR (NaN loss) and an invalid dropout (rejected by validation before launch).
+    sweep(
+        tmp_path,
+        "sweep.sampler=grid",
+        "optim.lr=choice(0.02,1e20)",
+        "regularization.head_dropout=choice(0.1,1.5)",
+    )
+    trials = study(tmp_path).trials
+    assert len(trials) == 4
+    outcome = {(t.params["optim.lr"], t.params["regularization.head_dropout"]): t for t in trials}
+    assert outcome[(0.02, 0.1)].state == TrialState.COMPLETE
+    assert outcome[(1e20, 0.1)].state == TrialState.FAIL
+    assert "val/loss is nan" in outcome[(1e20, 0.1)].user_attrs["error"]
+    for lr in (0.02, 1e20):
+        assert outcome[(lr, 1.5)].state == TrialState.FAIL
+        assert "head_dropout" in outcome[(lr, 1.5)].user_attrs["error"]
+    parent, children = mlflow_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    status = {int(c.data.tags["optuna_trial"]): (c.info.status, c.data.tags["optuna_state"]) for c in children}
+    assert status == {
+        outcome[(0.02, 0.1)].number: ("FINISHED", "COMPLETE"),
+        outcome[(1e20, 0.1)].number: ("FAILED", "FAIL"),
+    }
+
+
+def test_submitit_local_launcher_runs_trials_in_separate_processes(tmp_path: Path) -> None:
+    """The SLURM code path (pickled launcher, jobs in fresh processes) with submitit's local executor."""
+    sweep(tmp_path, "sweep.n_trials=2", "sweep.n_jobs=2", "hydra/launcher=submitit_local")
+    trials = study(tmp_path).trials
+    assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    _, children = mlflow_runs(tmp_path)
+    assert len(children) == 2 and len({c.data.tags["optuna_trial"] for c in children}) == 2
+    assert list((tmp_path / "multirun" / ".submitit").iterdir()), "jobs ran through submitit"
+
+
+def test_sweep_without_multirun_is_refused(tmp_path: Path) -> None:
+    proc = run_cli([f"sweep={STUDY}", *isolated(tmp_path)], tmp_path)
+    assert proc.returncode != 0 and "launch it with -m" in proc.stderr
+
+
+# Pure helpers: fast, real Optuna / Hydra objects.
+
+
+def test_search_space_forms() -> None:
+    space = search_space(
+        {
+            "finetune": ["full", "linear_probe"],
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+            "trainer.max_epochs": {"type": "int", "low": 2, "high": 6, "step": 2},
+            "regularization.head_dropout": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.1},
+        }
+    )
+    assert space["optim.lr"].log and space["trainer.max_epochs"].step == 2
+    with pytest.raises(SweepError, match="grid sampler"):
+        grid_size(space)
+    del space["optim.lr"]
+    assert grid_size(space) == 2 * 3 * 3
+    with pytest.raises(SweepError, match=r"sweep.params.optim.lr"):
+        search_space({"optim.lr": {"low": 1e-4, "high": 1e-1}})
+    with pytest.raises(SweepError, match="sweep.sampler: one of"):
+        load({"sampler": "annealing"})
+
+
+@pytest.mark.parametrize("value", ["full", "it's a \\ path: a=b,c", 0.1, 1e-20, 3, True, None])
+def test_sampled_values_survive_hydra_override_parsing(value: object) -> None:
+    (override,) = OverridesParser.create().parse_overrides([f"key={override_value(value)}"])
+    assert override.value() == value
+
+
+def test_journal_heartbeat_fails_a_silent_trial_and_queues_a_retry(tmp_path: Path) -> None:
+    settings = SweepConfig(heartbeat_interval=1, grace_period=2)
+    storage = open_storage(str(tmp_path / "s.journal"), settings)
+    assert isinstance(storage, HeartbeatJournalStorage)
+    s = optuna.create_study(study_name="s", storage=storage)
+    alive, dead = s.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), s.ask()
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    storage.record_heartbeat(alive._trial_id)
+    optuna.storages.fail_stale_trials(s)
+    states = [t.state for t in s.get_trials()]
+    assert states == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(s.trials[2]) == dead.number
