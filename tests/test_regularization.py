@@ -175,6 +175,7 @@ def test_image_knobs_on_a_text_backbone_are_an_error() -> None:
         build(RegularizationConfig(mixup=MixupConfig(prob=0.5)), backbone, 2)
 
 
+@pytest.mark.slow
 def test_strong_preset_runs_end_to_end_and_is_recorded(tmp_path: Path) -> None:
     proc = run_cli(["regularization=strong", "regularization.wise_ft_alpha=0.5", "trainer.max_epochs=3"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
