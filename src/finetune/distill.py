@@ -5,7 +5,9 @@ The teacher is a fine-tuned *classifier*: an earlier run's checkpoint (MLflow ru
 holding `backbone.*` and `head.*`. Its architecture comes from that run's logged `config.yaml` (or
 `teacher_backbone`, required for a bare file). A backbone config alone is not accepted as a teacher: its head
 would be untrained, so its "soft labels" would be noise — fine-tune it first (e.g. `finetune=full`) and pass
-that run. Loss = `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`.
+that run. The teacher must have been fine-tuned on the same data (classes in the same order). Loss =
+`alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`; `distill/size_ratio` = all parameters (backbone +
+head) of the student / of the teacher.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING, OmegaConf
+from mlflow.tracking import MlflowClient
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -58,7 +61,7 @@ class Classifier(nn.Module):
         return self.head(self.backbone(batch))
 
 
-def _teacher_backbone_config(cfg: DistillConfig, client: Any) -> Any:
+def _teacher_backbone_config(cfg: DistillConfig, client: MlflowClient | None) -> DictConfig:
     if cfg.teacher_backbone is not None:
         return OmegaConf.create(cfg.teacher_backbone)
     if Path(cfg.teacher).expanduser().is_file():
@@ -66,7 +69,7 @@ def _teacher_backbone_config(cfg: DistillConfig, client: Any) -> Any:
     return OmegaConf.load(client.download_artifacts(cfg.teacher, "config.yaml")).backbone
 
 
-def load_teacher(cfg: DistillConfig, client: Any) -> Classifier:
+def load_teacher(cfg: DistillConfig, client: MlflowClient | None) -> Classifier:
     """Rebuild the teacher's backbone (random init, no pretraining) and load its fine-tuned backbone + head."""
     state = torch.load(resolve_checkpoint(cfg.teacher, client), map_location="cpu", weights_only=True)["state_dict"]
     parts = {
@@ -145,6 +148,12 @@ class TeacherReport(pl.Callback):
         log.info("distill: %s", metrics)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        classes = self.teacher.head[-1].out_features
+        if classes != pl_module.num_classes:
+            raise ValueError(
+                f"finetune.teacher: the teacher predicts {classes} classes, the data has {pl_module.num_classes}; "
+                "distil on the data (and label order) the teacher was fine-tuned on"
+            )
         datamodule = trainer.datamodule
         student, teacher = n_params(pl_module), n_params(self.teacher)
         sizes = {
@@ -169,7 +178,7 @@ class Distill(Strategy):
 
     cfg: DistillConfig
 
-    def __init__(self, cfg: DistillConfig, client: Any = None) -> None:
+    def __init__(self, cfg: DistillConfig, client: MlflowClient | None = None) -> None:
         super().__init__(cfg, client)
         self.ce_weight = 1 - cfg.alpha
         self.teacher: Classifier | None = None
