@@ -82,17 +82,18 @@ def test_schedule_at_every_epoch_boundary(name: str) -> None:
         assert rec.with_grad[epoch] <= trainable, f"epoch {epoch}: frozen groups got gradients"
 
 
-def test_lp_ft_scales_backbone_lrs_within_the_schedule() -> None:
-    """From the first fine-tuning epoch, backbone LRs are ft_lr_scale times the head-relative ones; the shared
-    schedule factor keeps moving underneath (constant scheduler: the exact factor)."""
+def test_lp_ft_scales_lrs_within_the_schedule() -> None:
+    """While probing the head's LR is probe_lr_scale times its own; from the first fine-tuning epoch the backbone
+    LRs are ft_lr_scale times theirs (layer decay kept). Constant scheduler: the schedule factor is exactly 1."""
     optim = OptimConfig(lr=1e-2, layer_decay=0.5, scheduler="constant")
-    strategy, module, dm = build({"name": "lp_ft", "probe_epochs": 1, "ft_lr_scale": 0.1}, optim)
+    finetune = {"name": "lp_ft", "probe_epochs": 1, "probe_lr_scale": 10.0, "ft_lr_scale": 0.1}
+    strategy, module, dm = build(finetune, optim)
     rec = EpochRecorder()
     trainer([*strategy.callbacks(), rec], max_epochs=3).fit(module, datamodule=dm)
     for epoch, lrs in enumerate(rec.lrs):
-        scale = 1.0 if epoch == 0 else 0.1
-        assert lrs[3] == pytest.approx(1e-2)
-        assert [lrs[i] for i in range(3)] == pytest.approx([1e-2 * 0.5 ** (3 - i) * scale for i in range(3)])
+        head, backbone = (10.0, 1.0) if epoch == 0 else (1.0, 0.1)
+        assert lrs[3] == pytest.approx(1e-2 * head)
+        assert [lrs[i] for i in range(3)] == pytest.approx([1e-2 * 0.5 ** (3 - i) * backbone for i in range(3)])
 
 
 def test_milestones_reject_unknown_group_names() -> None:

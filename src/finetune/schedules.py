@@ -123,20 +123,25 @@ class Milestones(Strategy):
 class LpFtConfig(FinetuneConfig):
     name: str = "lp_ft"
     probe_epochs: int = 1  # epochs of linear probing (backbone frozen) before fine-tuning everything
-    ft_lr_scale: float = 0.1  # multiplies the backbone groups' LRs from the first fine-tuning epoch on
+    probe_lr_scale: float = 10.0  # multiplies the head's LR while probing (a linear probe wants a larger LR)
+    ft_lr_scale: float = 0.5  # multiplies the backbone groups' LRs from the first fine-tuning epoch on
 
     def __post_init__(self) -> None:
         check(self.probe_epochs >= 0, f"probe_epochs: must be >= 0; got {self.probe_epochs}")
+        check(self.probe_lr_scale > 0, f"probe_lr_scale: must be > 0; got {self.probe_lr_scale}")
         check(self.ft_lr_scale > 0, f"ft_lr_scale: must be > 0; got {self.ft_lr_scale}")
 
 
 @FINETUNE.register("lp_ft", LpFtConfig)
 class LpFt(Strategy):
-    """LP-FT (Kumar et al. 2022): probe first so fine-tuning starts from a fitted head and distorts the pretrained
-    features less, then fine-tune the whole network with the backbone at a lower LR."""
+    """LP-FT (Kumar et al. 2022): probe first, at a large head LR, so fine-tuning starts from a fitted head and
+    distorts the pretrained features less; then fine-tune the whole network with the backbone at a lower LR."""
 
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         return set() if epoch < self.cfg.probe_epochs else set(range(n_groups))
 
-    def backbone_lr_scale(self, epoch: int) -> float:
-        return 1.0 if epoch < self.cfg.probe_epochs else self.cfg.ft_lr_scale
+    def lr_scale(self, epoch: int, group: int, n_groups: int) -> float:
+        probing = epoch < self.cfg.probe_epochs
+        if group == n_groups:
+            return self.cfg.probe_lr_scale if probing else 1.0
+        return 1.0 if probing else self.cfg.ft_lr_scale

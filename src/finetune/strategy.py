@@ -1,7 +1,7 @@
 """The strategy contract and the callback that applies a strategy's freezing schedule.
 
 A strategy answers two questions — which backbone layer groups are trainable during epoch E, and by how much
-the backbone groups' LRs are scaled then — so the freezing state is a pure function of the epoch. That makes
+each group's LR is scaled then — so the freezing state is a pure function of the epoch. That makes
 resume trivial (the state is re-derived from the restored epoch at every epoch start, so a resumed run cannot
 come back re-frozen as in Lightning #21901) and lets every optimizer parameter group exist from the start:
 unfreezing flips `requires_grad`, it never rebuilds the optimizer or scheduler.
@@ -64,8 +64,8 @@ class Strategy:
         """Indices (input -> output) of the backbone layer groups that train during `epoch`."""
         return set(range(n_groups))
 
-    def backbone_lr_scale(self, epoch: int) -> float:
-        """Factor on every backbone group's scheduled LR during `epoch` (the head's is never scaled); 1 by default."""
+    def lr_scale(self, epoch: int, group: int, n_groups: int) -> float:
+        """Factor on layer group `group`'s scheduled LR during `epoch` (`group == n_groups`: the head); 1 by default."""
         return 1.0
 
     def callbacks(self) -> list[pl.Callback]:
@@ -92,21 +92,22 @@ def schedule_changes(strategy: Strategy, n_groups: int, epochs: int | None) -> b
     return len({frozenset(strategy.trainable_groups(e, n_groups)) for e in range(epochs)}) > 1
 
 
-def scale_backbone_lrs(trainer: pl.Trainer, n_groups: int, scale: float) -> None:
-    """Backbone groups' LRs become `initial_lr * scale * schedule factor`; the head's stay `initial_lr * factor`.
+def scale_lrs(trainer: pl.Trainer, strategy: Strategy, n_groups: int) -> None:
+    """Each group's LR becomes `initial_lr * strategy.lr_scale(epoch, group) * schedule factor`.
 
     Rewriting the LambdaLR's `base_lrs` (not the current LR) composes with the shared schedule, and deriving
     them from the untouched `initial_lr` makes it idempotent, so re-applying it after a resume is exact.
     """
+    epoch = trainer.current_epoch
     for config in trainer.lr_scheduler_configs:
         scheduler = config.scheduler
+        scales = [strategy.lr_scale(epoch, g["layer_group"], n_groups) for g in scheduler.optimizer.param_groups]
         if not isinstance(scheduler, LambdaLR):
-            if scale != 1.0:
-                raise TypeError(f"backbone LR scaling needs the LambdaLR of src.optim; got {type(scheduler).__name__}")
+            if any(scale != 1.0 for scale in scales):
+                raise TypeError(f"LR scaling needs the LambdaLR of src.optim; got {type(scheduler).__name__}")
             continue
-        for j, group in enumerate(scheduler.optimizer.param_groups):
-            factor = scale if group["layer_group"] < n_groups else 1.0
-            scheduler.base_lrs[j] = group["initial_lr"] * factor
+        for j, (group, scale) in enumerate(zip(scheduler.optimizer.param_groups, scales, strict=True)):
+            scheduler.base_lrs[j] = group["initial_lr"] * scale
             group["lr"] = scheduler.base_lrs[j] * scheduler.lr_lambdas[j](scheduler.last_epoch)
 
 
@@ -118,7 +119,7 @@ def _epoch_horizon(trainer: pl.Trainer) -> int | None:
 
 class FreezeSchedule(pl.Callback):
     """Applies the strategy's epoch state: `requires_grad` per layer group, the BN policy of frozen groups and
-    the backbone LR scale — at setup (before DDP wrapping, see the module docstring), at fit start and at every
+    the LR scales — at setup (before DDP wrapping, see the module docstring), at fit start and at every
     training-epoch start; BN eval mode again at every batch start, since Lightning restores the module modes it
     captured before validation.
     """
@@ -164,7 +165,7 @@ class FreezeSchedule(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._freeze(trainer, pl_module)
-        scale_backbone_lrs(trainer, len(self.groups), self.strategy.backbone_lr_scale(trainer.current_epoch))
+        scale_lrs(trainer, self.strategy, len(self.groups))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, idx: int) -> None:
         apply_bn_modes(self.groups, self.trainable, self.bn)
