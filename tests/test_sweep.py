@@ -13,18 +13,20 @@ from pathlib import Path
 import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from src.sweep.config import grid_size, load, search_space
-from src.sweep.schema import SweepConfig, SweepError
-from src.sweep.storage import HeartbeatJournalStorage, is_journal, open_storage
-from src.sweep.study import override_value
+from src.sweep.config import grid_size, load, pruner, sampler, search_space
+from src.sweep.schema import PRUNERS, SAMPLERS, SweepConfig, SweepError
+from src.sweep.storage import HeartbeatJournalStorage, load_study, open_storage
+from src.sweep.study import counted_trials, override_value
 from tests.conftest import REPO, run_cli
 
 STUDY = "digits_lr"
-FAST = ["trainer.max_epochs=3", "sweep.heartbeat_interval=1", "sweep.grace_period=4"]
+SHORT = "trainer.max_epochs=3"  # digits_lr trains 6 epochs; tests need fewer
+BEATS = ["sweep.heartbeat_interval=1", "sweep.grace_period=4"]  # a killed worker's trial is stale after 4 s
 
 
 def isolated(tmp: Path, storage: str | None = None) -> list[str]:
@@ -38,38 +40,48 @@ def isolated(tmp: Path, storage: str | None = None) -> list[str]:
 
 
 def sweep(tmp: Path, *args: str, storage: str | None = None) -> subprocess.CompletedProcess:
-    proc = run_cli(["-m", f"sweep={STUDY}", *FAST, *isolated(tmp, storage), *args], tmp)
+    proc = run_cli(["-m", f"sweep={STUDY}", *BEATS, *isolated(tmp, storage), *args], tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def study(tmp: Path, storage: str | None = None) -> optuna.Study:
-    url = storage or str(tmp / "optuna.journal")
-    return optuna.load_study(study_name=STUDY, storage=open_storage(url, SweepConfig()) if is_journal(url) else url)
+    return load_study(STUDY, storage or str(tmp / "optuna.journal"))
 
 
-def mlflow_runs(tmp: Path) -> tuple[object, list]:
+def kill_after(tmp: Path, finished: int, *args: str, timeout: float = 300) -> dict[int, FrozenTrial]:
+    """Start a sweep, SIGKILL it (no cleanup at all) once `finished` trials are done; returns those trials."""
+    cmd = [sys.executable, "-m", "src.run", "-m", f"sweep={STUDY}", *BEATS, *isolated(tmp), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if (tmp / "optuna.journal").exists() and len(counted_trials(study(tmp).trials)) >= finished:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    return {t.number: t for t in counted_trials(study(tmp).trials)}
+
+
+def mlflow_runs(tmp: Path) -> tuple[Run, list[Run]]:
     """(the sweep's parent run, its child runs)."""
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("transfer-lab")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.optuna_role = 'study'")
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return parent, children
 
 
-def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Finished trials that count towards n_trials: a trial retried after its worker died counts once."""
-    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
-    return [t for t in trials if t.state.is_finished() and t.number not in retried]
-
-
 def test_pruning_sweep_records_complete_and_pruned_trials(tmp_path: Path) -> None:
-    sweep(tmp_path, "sweep.n_trials=6")
+    sweep(tmp_path, SHORT, "sweep.n_trials=6")
     trials = study(tmp_path).trials
     states = [t.state for t in trials]
     assert len(trials) == 6 and set(states) == {TrialState.COMPLETE, TrialState.PRUNED}, states
     epochs = {t.number: len(t.intermediate_values) for t in trials}
-    assert all(epochs[t.number] == 3 for t in trials if t.state == TrialState.COMPLETE)
+    assert all(epochs[t.number] == 3 for t in trials if t.state == TrialState.COMPLETE), epochs
     assert all(epochs[t.number] < 3 for t in trials if t.state == TrialState.PRUNED)
 
     parent, children = mlflow_runs(tmp_path)
@@ -96,24 +108,12 @@ def test_pruning_sweep_records_complete_and_pruned_trials(tmp_path: Path) -> Non
 
 
 def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "src.run", "-m", f"sweep={STUDY}", *FAST, *isolated(tmp_path), "sweep.n_trials=5"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            if (tmp_path / "optuna.journal").exists() and len(counted(study(tmp_path).trials)) >= 2:
-                break
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    before = {t.number: t for t in counted(study(tmp_path).trials)}
+    before = kill_after(tmp_path, 2, SHORT, "sweep.n_trials=5")
     assert len(before) >= 2, "the sweep should have finished two trials before the kill"
 
-    sweep(tmp_path, "sweep.n_trials=5")
+    sweep(tmp_path, SHORT, "sweep.n_trials=5")
     trials = study(tmp_path).trials
-    assert len(counted(trials)) == 5
+    assert len(counted_trials(trials)) == 5
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     for number, old in before.items():  # finished trials are kept as they were
         assert (trials[number].state, trials[number].params, trials[number].values) == (
@@ -134,7 +134,9 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
 
 def test_two_joblib_workers_share_one_sqlite_study(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = sweep(tmp_path, "sweep.n_trials=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", storage=storage)
+    proc = sweep(
+        tmp_path, SHORT, "sweep.n_trials=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", storage=storage
+    )
     assert "database is locked" not in proc.stderr + proc.stdout
     assert "is launching 2 jobs" in proc.stdout + proc.stderr, "batches of two trials run in parallel"
     trials = study(tmp_path, storage).trials
@@ -149,6 +151,7 @@ def test_failing_trials_are_recorded_and_the_sweep_completes(tmp_path: Path) -> 
     # Grid over a diverging LR (NaN loss) and an invalid dropout (rejected by validation before launch).
     sweep(
         tmp_path,
+        SHORT,
         "sweep.sampler=grid",
         "optim.lr=choice(0.02,1e20)",
         "regularization.head_dropout=choice(0.1,1.5)",
@@ -173,7 +176,7 @@ def test_failing_trials_are_recorded_and_the_sweep_completes(tmp_path: Path) -> 
 
 def test_submitit_local_launcher_runs_trials_in_separate_processes(tmp_path: Path) -> None:
     """The SLURM code path (pickled launcher, jobs in fresh processes) with submitit's local executor."""
-    sweep(tmp_path, "sweep.n_trials=2", "sweep.n_jobs=2", "hydra/launcher=submitit_local")
+    sweep(tmp_path, SHORT, "sweep.n_trials=2", "sweep.n_jobs=2", "hydra/launcher=submitit_local")
     trials = study(tmp_path).trials
     assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     _, children = mlflow_runs(tmp_path)
@@ -207,6 +210,23 @@ def test_search_space_forms() -> None:
         search_space({"optim.lr": {"low": 1e-4, "high": 1e-1}})
     with pytest.raises(SweepError, match="sweep.sampler: one of"):
         load({"sampler": "annealing"})
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_builds_and_samples_the_space(name: str) -> None:
+    space = search_space({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "step": 1e-4}, "seed": [0, 1]})
+    settings = load({"sampler": name, "seed": 0, "kwargs": {"tpe": {"multivariate": True}}})
+    s = optuna.create_study(sampler=sampler(settings, space, seed_offset=3))
+    for _ in range(3):
+        trial = s.ask(space)
+        s.tell(trial, trial.params["optim.lr"])
+    assert all(set(t.params) == {"optim.lr", "seed"} for t in s.trials)
+
+
+@pytest.mark.parametrize("name", sorted(PRUNERS))
+def test_every_pruner_builds(name: str) -> None:
+    settings = load({"pruner": name, "kwargs": {"threshold": {"lower": 0.1}, "percentile": {"percentile": 25.0}}})
+    assert isinstance(pruner(settings), optuna.pruners.BasePruner)
 
 
 @pytest.mark.parametrize("value", ["full", "it's a \\ path: a=b,c", 0.1, 1e-20, 3, True, None])

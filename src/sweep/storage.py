@@ -141,5 +141,6 @@ class Heartbeat:
         self._thread.join()
 
 
-def load_study(name: str, url: str, settings: SweepConfig, **kwargs: object) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(url, settings), **kwargs)
+def load_study(name: str, url: str) -> optuna.Study:
+    """A study as it is in the storage (to inspect it: sampler and pruner are not the sweep's)."""
+    return optuna.load_study(study_name=name, storage=open_storage(url, SweepConfig()))

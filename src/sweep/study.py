@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from src.config import RunConfig, validate
 from src.schema import ConfigError
@@ -181,10 +181,8 @@ class StudySweep:
         fail_stale_trials(study)
         parent.sync_children(study)
         trials = study.get_trials(deepcopy=False)
-        retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
-        finished = sum(t.state.is_finished() and t.number not in retried for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        todo = n_trials - finished - running
+        todo = n_trials - len(counted_trials(trials)) - running
         if todo > 0:
             return [study.ask(space) for _ in range(min(n_jobs, todo))]
         if running == 0:
@@ -225,6 +223,12 @@ class StudySweep:
             if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
                 fail(study, trial._trial_id, f"the job ended without a result: {job_error(result)}")
         return results
+
+
+def counted_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The finished trials that count towards n_trials: one whose worker died counts once, through its retry."""
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return [t for t in trials if t.state.is_finished() and t.number not in retried]
 
 
 def fail(study: optuna.Study, trial_id: int, error: str) -> None:

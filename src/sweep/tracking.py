@@ -46,6 +46,7 @@ class StudyRun(MLflowRun):
             return self
         self.experiment_id, self.run_id = experiment.experiment_id, found[0].info.run_id
         self.client.update_run(self.run_id, RunStatus.to_string(RunStatus.RUNNING))
+        self.set_tags(self.tags)  # this launch's commit and multirun dir
         log.info("Resuming study %r: MLflow parent run %s", study, self.run_id)
         return self
 

@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 from lightning.pytorch.utilities import rank_zero_only
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from src.config import Objective
@@ -54,7 +55,9 @@ class PruningCallback(pl.Callback):
         prune = False
         if self.trial is not None:
             self.trial.report(float(metrics[self.metric]), self.step)
-            prune = self.trial.should_prune()
+            max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+            last = trainer.current_epoch + 1 >= max_epochs and trainer.is_last_batch
+            prune = not last and self.trial.should_prune()  # after the last validation there is nothing to save
         self.step += 1
         if trainer.strategy.broadcast(prune, src=0):
             self.pruned = True
@@ -122,6 +125,8 @@ class JobTrial:
             storage.set_trial_user_attr(trial_id, ERROR_ATTR, f"{type(e).__name__}: {e}"[:2000])
             study.tell(s.trial, state=TrialState.FAIL)
             tracker.set_tags({STATE_TAG: TrialState.FAIL.name})
+            if isinstance(e, KeyboardInterrupt):  # the worker was stopped, not the trial: retry it as a dead one's
+                RetryHeartbeatStaleTrialCallback(max_retry=s.max_retry)(study, storage.get_trial(trial_id))
             raise
         if self.pruning is not None and self.pruning.pruned:
             study.tell(s.trial, state=TrialState.PRUNED)
