@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import lightning.pytorch as pl
+
 from src.backbones.base import Backbone
 from src.module import BatchTransform, LossTerm
 from src.regularization.augment import AugmentConfig, ImageAugment, TokenDropout
@@ -60,7 +62,7 @@ class Regularizers:
 
     batch_transforms: list[BatchTransform] = field(default_factory=list)  # training-batch transforms
     loss_terms: list[LossTerm] = field(default_factory=list)  # extra loss terms (L2-SP)
-    callbacks: list = field(default_factory=list)  # Lightning callbacks (EMA, WiSE-FT, L2-SP's weight decay)
+    callbacks: list[pl.Callback] = field(default_factory=list)  # EMA, WiSE-FT, L2-SP's weight-decay switch
 
 
 def _batch_transforms(cfg: RegularizationConfig, backbone: Backbone, num_classes: int) -> list[BatchTransform]:
