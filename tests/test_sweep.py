@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from src.sweep.config import grid_size, load, pruner, sampler, search_space
+from src.sweep.config import conditions, grid_size, load, pruner, sampler, search_space, suggest
 from src.sweep.schema import PRUNERS, SAMPLERS, SweepConfig, SweepError
 from src.sweep.storage import HeartbeatJournalStorage, load_study, open_storage
-from src.sweep.study import counted_trials, override_value
+from src.sweep.study import cli_distribution, counted_trials, override_value
 from tests.conftest import REPO, run_cli
 
 STUDY = "digits_lr"
@@ -212,6 +212,24 @@ def test_search_space_forms() -> None:
         load({"sampler": "annealing"})
 
 
+def test_conditional_knobs_are_sampled_only_with_their_strategy() -> None:
+    k = {"type": "int", "low": 1, "high": 3, "when": {"finetune": "partial"}}
+    params = {"finetune": ["full", "partial"], "finetune.k": k}
+    space, when = search_space(params), conditions(params)
+    s = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, group=True, n_startup_trials=5))
+    for _ in range(12):
+        trial = s.ask()
+        suggest(trial, space, when, fixed={})
+        s.tell(trial, trial.params.get("finetune.k", 0))
+    assert {t.params["finetune"] for t in s.trials} == {"full", "partial"}
+    assert all(("finetune.k" in t.params) == (t.params["finetune"] == "partial") for t in s.trials)
+    trial = s.ask()  # the strategy fixed on the command line still decides
+    suggest(trial, {"finetune.k": space["finetune.k"]}, when, fixed={"finetune": "partial"})
+    assert "finetune.k" in trial.params
+    with pytest.raises(SweepError, match="listed before"):
+        conditions({"finetune.k": k, "finetune": ["full", "partial"]})
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_builds_and_samples_the_space(name: str) -> None:
     space = search_space({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "step": 1e-4}, "seed": [0, 1]})
@@ -227,6 +245,13 @@ def test_every_sampler_builds_and_samples_the_space(name: str) -> None:
 def test_every_pruner_builds(name: str) -> None:
     settings = load({"pruner": name, "kwargs": {"threshold": {"lower": 0.1}, "percentile": {"percentile": 25.0}}})
     assert isinstance(pruner(settings), optuna.pruners.BasePruner)
+
+
+def test_command_line_dimensions() -> None:
+    lr, n, c = OverridesParser.create().parse_overrides(["lr=tag(log,interval(1e-4,1e-1))", "n=range(2,8)", "c=a,b"])
+    assert cli_distribution(lr) == optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+    assert cli_distribution(n) == optuna.distributions.IntDistribution(2, 7)
+    assert cli_distribution(c) == optuna.distributions.CategoricalDistribution(["a", "b"])
 
 
 @pytest.mark.parametrize("value", ["full", "it's a \\ path: a=b,c", 0.1, 1e-20, 3, True, None])

@@ -51,5 +51,4 @@ class OptunaStudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         from src.sweep.study import StudySweep
 
-        study = StudySweep(self.config, self.launcher, self.hydra_context.config_loader)
-        return study.run(arguments)
+        return StudySweep(self.config, self.launcher, self.hydra_context.config_loader, arguments).run()

@@ -31,7 +31,7 @@ def distribution(key: str, spec: Any) -> BaseDistribution:
     """`[a, b]` or `{choices: [...]}` -> categorical; `{type: float|int, low, high, log?, step?}` -> numeric."""
     if isinstance(spec, list | tuple):
         spec = {"choices": spec}
-    spec = dict(spec)
+    spec = {k: v for k, v in spec.items() if k != "when"}
     try:
         if "choices" in spec:
             return CategoricalDistribution(list(spec.pop("choices")), **spec)
@@ -47,6 +47,41 @@ def distribution(key: str, spec: Any) -> BaseDistribution:
 
 def search_space(params: Mapping[str, Any]) -> dict[str, BaseDistribution]:
     return {key: distribution(key, spec) for key, spec in params.items()}
+
+
+def conditions(params: Mapping[str, Any]) -> dict[str, dict[str, list[Any]]]:
+    """`when: {finetune: partial}` (or a list of values) samples a key only in trials where earlier keys took
+    those values, so a strategy's own knobs (finetune.k, finetune.r) are searched only with that strategy."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    for i, (key, spec) in enumerate(params.items()):
+        when = spec.get("when") if isinstance(spec, Mapping) else None
+        if not when:
+            continue
+        unknown = sorted(set(when) - set(list(params)[:i]))
+        if unknown:
+            raise SweepError(f"sweep.params.{key}.when: {unknown} must be searched keys listed before {key}")
+        out[key] = {k: list(v) if isinstance(v, list | tuple) else [v] for k, v in when.items()}
+    return out
+
+
+def suggest(
+    trial: optuna.Trial,
+    space: Mapping[str, BaseDistribution],
+    when: Mapping[str, Mapping[str, list[Any]]],
+    fixed: Mapping[str, Any],
+) -> None:
+    """Sample the space into `trial` in order, skipping keys whose `when` is not met (by a sampled or fixed
+    value); a conditional space is what TPE's `group: true` models."""
+    for key, dist in space.items():
+        values = {**fixed, **trial.params}
+        if not all(values.get(k) in allowed for k, allowed in when.get(key, {}).items()):
+            continue
+        if isinstance(dist, CategoricalDistribution):
+            trial.suggest_categorical(key, dist.choices)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
 def grid(space: Mapping[str, BaseDistribution]) -> dict[str, list[Any]]:

@@ -74,7 +74,7 @@ def cli_distribution(override: Override) -> BaseDistribution:
 class StudySweep:
     """One launch of a sweep: resumes (or creates) the study and runs trials until it holds `n_trials`."""
 
-    def __init__(self, config: DictConfig, launcher: Launcher, config_loader: Any) -> None:
+    def __init__(self, config: DictConfig, launcher: Launcher, config_loader: Any, arguments: list[str]) -> None:
         self.config, self.launcher, self.config_loader = config, launcher, config_loader
         if config.get("sweep") is None:
             raise SweepError("hydra/sweeper=optuna_study needs a sweep: python -m src.run -m sweep=NAME")
@@ -86,21 +86,27 @@ class StudySweep:
             raise SweepError("sweep.pruner: Optuna prunes single-objective studies only; use sweep.pruner=none")
         self.name = self.settings.study_name or config.hydra.runtime.choices.get("sweep")
         self.url = resolve(self.settings.storage, self.run_cfg.tracking.uri, self.launch_dir)
+        self.split_arguments(arguments)
+        self.when = sweep_config.conditions(self.settings.params)
+        self.n_trials = self.count_trials()
 
-    def split_arguments(self, arguments: list[str]) -> tuple[list[str], dict[str, BaseDistribution]]:
+    def split_arguments(self, arguments: list[str]) -> None:
         """Command-line overrides: plain ones go to every job (and fix a swept key), sweeps become dimensions."""
         parsed = OverridesParser.create(config_loader=self.config_loader).parse_overrides(arguments)
         fixed = [o for o in parsed if not o.is_sweep_override() and o.key_or_group not in SET_BY_SWEEPER]
         dims = {o.key_or_group: cli_distribution(o) for o in parsed if o.is_sweep_override()}
-        fixed_keys = {o.key_or_group for o in fixed}
-        space = {k: d for k, d in sweep_config.search_space(self.settings.params).items() if k not in fixed_keys}
-        return [o.input_line for o in fixed], space | dims
+        self.fixed = [o.input_line for o in fixed]
+        self.fixed_values = {o.key_or_group: o.value() for o in fixed}
+        space = sweep_config.search_space(self.settings.params)
+        self.space = {k: d for k, d in space.items() if k not in self.fixed_values} | dims
 
-    def n_trials(self, space: dict[str, BaseDistribution]) -> int:
+    def count_trials(self) -> int:
         """`sweep.n_trials`; a grid runs each point once, so at most (and by default) the grid's size."""
         n = self.settings.n_trials
         if self.settings.sampler == "grid":
-            return min(n or math.inf, sweep_config.grid_size(space))
+            if self.when:
+                raise SweepError("sweep.sampler: a grid cannot enumerate a conditional space (params with when:)")
+            return min(n or math.inf, sweep_config.grid_size(self.space))
         if n is None:
             raise SweepError("sweep.n_trials: required (except with the grid sampler, whose size it defaults to)")
         return n
@@ -113,7 +119,7 @@ class StudySweep:
         n = launcher.get("n_jobs") or launcher.get("array_parallelism") or 1
         return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)  # joblib: -1 = all cores
 
-    def create_study(self, space: dict[str, BaseDistribution]) -> optuna.Study:
+    def create_study(self) -> optuna.Study:
         storage = open_storage(self.url, self.settings)
         try:  # shift a sampler seed by the trials so far, so a resumed sweep does not replay its first draws
             seen = len(optuna.load_study(study_name=self.name, storage=storage).get_trials(deepcopy=False))
@@ -122,7 +128,7 @@ class StudySweep:
         study = optuna.create_study(
             study_name=self.name,
             storage=storage,
-            sampler=sweep_config.sampler(self.settings, space, seen),
+            sampler=sweep_config.sampler(self.settings, self.space, seen),
             pruner=sweep_config.pruner(self.settings),
             directions=self.run_cfg.objective.directions,
             load_if_exists=True,
@@ -135,14 +141,13 @@ class StudySweep:
             )
         return study
 
-    def run(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
-        fixed, space = self.split_arguments(arguments)
-        n_trials, n_jobs = self.n_trials(space), self.n_jobs()
-        study = self.create_study(space)
+    def run(self) -> list[Sequence[JobReturn]]:
+        n_jobs = self.n_jobs()
+        study = self.create_study()
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info("Study %r in %s: %d trials, %d at a time, space %s", self.name, self.url, n_trials, n_jobs, space)
+        log.info("Study %r in %s: %d trials, %d at a time", self.name, self.url, self.n_trials, n_jobs)
         tags = {STUDY_TAG: self.name, ROLE_TAG: "study", "git_commit": git_commit(self.launch_dir)}
         tags["multirun_dir"] = str(self.launch_dir / sweep_dir)
         returns: list[Sequence[JobReturn]] = []
@@ -151,28 +156,27 @@ class StudySweep:
             objective = self.run_cfg.objective
             params = study_params(
                 self.settings,
-                space,
+                self.space,
+                self.when,
                 study_name=self.name,
                 storage=self.url,
-                n_trials=n_trials,
+                n_trials=self.n_trials,
                 n_jobs=n_jobs,
                 metrics=",".join(objective.metrics),
                 directions=",".join(objective.directions),
             )
             parent.log_new_params(params)
             parent.log_text(OmegaConf.to_yaml(self.config.sweep), "sweep.yaml")
-            while (batch := self.next_batch(study, parent, n_trials, n_jobs, space)) is not None:
+            while (batch := self.next_batch(study, parent, n_jobs)) is not None:
                 if batch:
-                    returns.append(self.launch(study, batch, fixed, parent.run_id))
+                    returns.append(self.launch(study, batch, parent.run_id))
                     parent.log_progress(study, self.metrics)
             parent.sync_children(study)
             parent.log_progress(study, self.metrics)
             parent.log_results(study, self.metrics)
         return returns
 
-    def next_batch(
-        self, study: optuna.Study, parent: StudyRun, n_trials: int, n_jobs: int, space: dict[str, BaseDistribution]
-    ) -> list[optuna.Trial] | None:
+    def next_batch(self, study: optuna.Study, parent: StudyRun, n_jobs: int) -> list[optuna.Trial] | None:
         """Trials to launch now; `[]` = wait for other workers' trials; None = the study is done.
 
         Done means `n_trials` finished trials (a trial retried after its worker died counts once) and none
@@ -182,22 +186,27 @@ class StudySweep:
         parent.sync_children(study)
         trials = study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        todo = n_trials - len(counted_trials(trials)) - running
+        todo = self.n_trials - len(counted_trials(trials)) - running
         if todo > 0:
-            return [study.ask(space) for _ in range(min(n_jobs, todo))]
+            return [self.ask(study) for _ in range(min(n_jobs, todo))]
         if running == 0:
             return None
         log.info("Waiting for %d running trial(s) of other workers (or dead ones, failed by heartbeat)", running)
         time.sleep(self.settings.heartbeat_interval)
         return []
 
-    def launch(self, study: optuna.Study, batch: list[optuna.Trial], fixed: list[str], parent_id: str) -> list:
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        trial = study.ask()
+        sweep_config.suggest(trial, self.space, self.when, self.fixed_values)
+        return trial
+
+    def launch(self, study: optuna.Study, batch: list[optuna.Trial], parent_id: str) -> list:
         """Compose and validate each trial's job (a bad sampled value fails that trial only), launch the rest,
         and fail any trial whose job ended without telling its result (a crash before or outside the run)."""
         jobs, launched = [], []
         for trial in batch:
             overrides = [
-                *fixed,
+                *self.fixed,
                 *(f"{key}={override_value(value)}" for key, value in trial.params.items()),
                 f"++sweep.trial={trial.number}",
                 f"++sweep.study_name={override_value(self.name)}",

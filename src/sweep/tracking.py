@@ -147,10 +147,18 @@ def _plots(metrics: list[str]) -> list[tuple[str, Callable[..., Any], dict[str, 
     return plots
 
 
-def study_params(settings: SweepConfig, space: Mapping[str, BaseDistribution], **more: Any) -> dict[str, str]:
+def study_params(
+    settings: SweepConfig,
+    space: Mapping[str, BaseDistribution],
+    when: Mapping[str, Mapping[str, list[Any]]],
+    **more: Any,
+) -> dict[str, str]:
     """Flat MLflow params of a sweep: sampler and pruner with their arguments (`sampler.multivariate`, ...),
-    `space.<key>` per dimension, the run-time settings, and `more` (resolved storage, n_trials, ...)."""
-    out = {f"space.{k}": describe(d) for k, d in space.items()}
+    `space.<key>` per dimension (with its condition), the run-time settings, and `more` (storage, n_trials...)."""
+    out = {
+        f"space.{k}": describe(d) + "".join(f" if {c} in {v}" for c, v in when.get(k, {}).items())
+        for k, d in space.items()
+    }
     for role in ("sampler", "pruner"):
         name = getattr(settings, role)
         out[role] = name
