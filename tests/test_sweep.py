@@ -108,12 +108,12 @@ def test_pruning_sweep_records_complete_and_pruned_trials(tmp_path: Path) -> Non
 
 
 def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
-    before = kill_after(tmp_path, 2, SHORT, "sweep.n_trials=5")
+    before = kill_after(tmp_path, 2, SHORT, "sweep.n_trials=4")
     assert len(before) >= 2, "the sweep should have finished two trials before the kill"
 
-    sweep(tmp_path, SHORT, "sweep.n_trials=5")
+    sweep(tmp_path, SHORT, "sweep.n_trials=4")
     trials = study(tmp_path).trials
-    assert len(counted_trials(trials)) == 5
+    assert len(counted_trials(trials)) == 4
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     for number, old in before.items():  # finished trials are kept as they were
         assert (trials[number].state, trials[number].params, trials[number].values) == (

@@ -56,6 +56,15 @@ def is_journal(url: str) -> bool:
     return "://" not in url
 
 
+def display_url(url: str) -> str:
+    """The storage without its password, for logs and MLflow (`postgresql://user:***@host/db`)."""
+    if is_journal(url):
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def open_storage(url: str, settings: SweepConfig) -> BaseStorage:
     """A journal file (`*.journal` path) or an RDB URL, with heartbeats and retry of dead workers' trials."""
     retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)

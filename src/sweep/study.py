@@ -31,9 +31,9 @@ from src.config import RunConfig, validate
 from src.schema import ConfigError
 from src.sweep import config as sweep_config
 from src.sweep.schema import SweepConfig, SweepError
-from src.sweep.storage import Heartbeat, open_storage, resolve
+from src.sweep.storage import Heartbeat, display_url, open_storage, resolve
 from src.sweep.tracking import StudyRun, study_params
-from src.sweep.trial import ERROR_ATTR, ROLE_TAG, STUDY_TAG
+from src.sweep.trial import ERROR_ATTR, ROLE_TAG, STORAGE_TAG, STUDY_TAG
 from src.tracking.mlflow_run import git_commit
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,8 @@ class StudySweep:
         wanted = [optuna.study.StudyDirection[d.upper()] for d in self.run_cfg.objective.directions]
         if study.directions != wanted:
             raise SweepError(
-                f"study {self.name!r} in {self.url} optimizes {[d.name for d in study.directions]}, not {wanted}: "
-                "set sweep.study_name to start a new study"
+                f"study {self.name!r} in {display_url(self.url)} optimizes {[d.name for d in study.directions]}, "
+                f"not {wanted}: set sweep.study_name to start a new study"
             )
         return study
 
@@ -147,8 +147,14 @@ class StudySweep:
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info("Study %r in %s: %d trials, %d at a time", self.name, self.url, self.n_trials, n_jobs)
-        tags = {STUDY_TAG: self.name, ROLE_TAG: "study", "git_commit": git_commit(self.launch_dir)}
+        storage = display_url(self.url)
+        log.info("Study %r in %s: %d trials, %d at a time", self.name, storage, self.n_trials, n_jobs)
+        tags = {
+            STUDY_TAG: self.name,
+            STORAGE_TAG: storage,
+            ROLE_TAG: "study",
+            "git_commit": git_commit(self.launch_dir),
+        }
         tags["multirun_dir"] = str(self.launch_dir / sweep_dir)
         returns: list[Sequence[JobReturn]] = []
         with StudyRun(self.run_cfg.tracking, self.launch_dir, f"sweep-{self.name}", tags) as parent:
@@ -159,7 +165,7 @@ class StudySweep:
                 self.space,
                 self.when,
                 study_name=self.name,
-                storage=self.url,
+                storage=storage,
                 n_trials=self.n_trials,
                 n_jobs=n_jobs,
                 metrics=",".join(objective.metrics),

@@ -20,22 +20,22 @@ from optuna.trial import FrozenTrial, TrialState
 
 from src.sweep.config import describe
 from src.sweep.schema import SweepConfig
-from src.sweep.trial import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG
+from src.sweep.trial import ROLE_TAG, STATE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking import MLflowRun
 
 log = logging.getLogger(__name__)
 
 
 class StudyRun(MLflowRun):
-    """MLflowRun that reuses the parent run of an earlier launch of the same study instead of creating one."""
+    """MLflowRun that reuses the parent run of an earlier launch of the same study (same name and storage)."""
 
     def __enter__(self) -> StudyRun:
-        study = self.tags[STUDY_TAG]
+        study, storage = self.tags[STUDY_TAG], self.tags[STORAGE_TAG]
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
         found = (
             self.client.search_runs(
                 [experiment.experiment_id],
-                f"tags.{STUDY_TAG} = '{study}' and tags.{ROLE_TAG} = 'study'",
+                f"tags.{STUDY_TAG} = '{study}' and tags.{STORAGE_TAG} = '{storage}' and tags.{ROLE_TAG} = 'study'",
                 max_results=1,
             )
             if experiment

@@ -24,6 +24,7 @@ from src.sweep.storage import Heartbeat, open_storage
 from src.tracking import MLflowRun
 
 STUDY_TAG = "optuna_study"
+STORAGE_TAG = "optuna_storage"  # on the parent run, without password: a study is its name in its storage
 TRIAL_TAG = "optuna_trial"
 STATE_TAG = "optuna_state"
 ROLE_TAG = "optuna_role"  # "study" on the sweep's parent run, "trial" on each job's run
@@ -72,7 +73,7 @@ class JobTrial:
         if self.settings is not None and self.settings.trial is None:
             raise ConfigError(
                 "sweep: a sweep runs as an Optuna study: launch it with -m (python -m src.run -m sweep=NAME), "
-                "and keep `override /hydra/sweeper: optuna_study` in the sweep file's defaults"
+                "and keep `- /optuna_sweep` in the sweep file's defaults (it selects the optuna_study sweeper)"
             )
         self.objective = objective
         self.pruning: PruningCallback | None = None
