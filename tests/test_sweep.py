@@ -4,10 +4,14 @@ Optuna storage and MLflow store it leaves in tmp_path (no mocks). Short runs: 3 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -145,6 +149,45 @@ def test_two_joblib_workers_share_one_sqlite_study(tmp_path: Path) -> None:
     _, children = mlflow_runs(tmp_path)
     assert sorted(int(c.data.tags["optuna_trial"]) for c in children) == [0, 1, 2, 3], "each trial recorded once"
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server (the machine's binaries, a temp data dir, a free port), if there is one."""
+    pytest.importorskip("psycopg")
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bins:
+        pytest.skip("no PostgreSQL server binaries")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses root
+    data = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
+    if as_postgres:
+        shutil.chown(data, "postgres")
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    pg = bins[-1].parent
+    subprocess.run([*as_postgres, pg / "initdb", "-D", data, "-A", "trust", "-U", "postgres"], check=True)
+    server = ["-D", data, "-o", f"-p {port} -k {data} -c listen_addresses=localhost", "-l", data / "log"]
+    subprocess.run([*as_postgres, pg / "pg_ctl", *server, "-w", "start"], check=True)
+    try:
+        subprocess.run([*as_postgres, pg / "createdb", "-h", "localhost", "-p", str(port), "optuna"], check=True)
+        yield f"postgresql+psycopg://postgres:secret@localhost:{port}/optuna"
+    finally:
+        subprocess.run([*as_postgres, pg / "pg_ctl", "-D", data, "-m", "immediate", "stop"], check=False)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_postgresql_storage_with_two_joblib_workers(tmp_path: Path, postgres_url: str) -> None:
+    """Any RDB URL: the cluster recipe's storage, with parallel workers; the password never reaches MLflow."""
+    sweep(tmp_path, SHORT, "sweep.n_trials=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", storage=postgres_url)
+    trials = study(tmp_path, postgres_url).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    parent, children = mlflow_runs(tmp_path)
+    assert len(children) == 4
+    assert "secret" not in str(parent.data.params) + str(parent.data.tags)
+    assert parent.data.tags["optuna_storage"].startswith("postgresql+psycopg://postgres:***@localhost")
 
 
 def test_failing_trials_are_recorded_and_the_sweep_completes(tmp_path: Path) -> None:
