@@ -33,7 +33,7 @@ from src.sweep import config as sweep_config
 from src.sweep.schema import SweepConfig, SweepError
 from src.sweep.storage import Heartbeat, display_url, open_storage, resolve
 from src.sweep.tracking import StudyRun, study_params
-from src.sweep.trial import ERROR_ATTR, ROLE_TAG, STORAGE_TAG, STUDY_TAG
+from src.sweep.trial import ERROR_ATTR, ROLE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking.mlflow_run import git_commit
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,11 @@ class StudySweep:
                 f"++sweep.trial={trial.number}",
                 f"++sweep.study_name={override_value(self.name)}",
                 f"++sweep.storage={override_value(self.url)}",
+                # the child run is created already linked and tagged: even a job killed at once is found
                 f"tracking.parent_run_id={parent_id}",
+                f"++tracking.tags.{TRIAL_TAG}={override_value(str(trial.number))}",
+                f"++tracking.tags.{STUDY_TAG}={override_value(self.name)}",
+                f"++tracking.tags.{ROLE_TAG}=trial",
             ]
             try:
                 job_cfg = self.config_loader.load_sweep_config(self.config, overrides)

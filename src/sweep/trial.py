@@ -116,7 +116,7 @@ class JobTrial:
             yield self
             return
         storage.set_trial_user_attr(trial_id, MLFLOW_RUN_ATTR, tracker.run_id)
-        tracker.set_tags({STUDY_TAG: s.study_name, TRIAL_TAG: s.trial, ROLE_TAG: "trial", STATE_TAG: "RUNNING"})
+        tracker.set_tags({STATE_TAG: "RUNNING"})  # the sweeper's overrides gave the run its trial and study tags
         try:
             with Heartbeat(storage, [trial_id], s.heartbeat_interval):
                 yield self
