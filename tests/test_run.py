@@ -92,3 +92,21 @@ def test_multirun_grid_gives_one_run_per_job(tmp_path: Path) -> None:
     assert combos == {("linear_probe", "0"), ("linear_probe", "1"), ("full", "0"), ("full", "1")}
     assert {r.data.tags["job_num"] for r in found} == {"0", "1", "2", "3"}
     assert len({r.data.tags["multirun_dir"] for r in found}) == 1
+
+
+def _open_run(args: tuple[str, int]) -> str:
+    from src.tracking.mlflow_run import MLflowRun, TrackingConfig
+
+    base, i = args
+    with MLflowRun(TrackingConfig(), Path(base), f"parallel-{i}", {}) as tracker:
+        return tracker.run_id
+
+
+def test_parallel_first_runs_share_a_fresh_store(tmp_path: Path) -> None:
+    """Parallel jobs that meet a not-yet-created SQLite store must not race MLflow's schema migration."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        run_ids = pool.map(_open_run, [(str(tmp_path), i) for i in range(2)])
+    assert len(set(run_ids)) == 2
+    assert {r.info.status for r in runs(tmp_path)} == {"FINISHED"}

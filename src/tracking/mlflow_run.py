@@ -14,11 +14,13 @@ import tempfile
 import traceback
 import uuid
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
@@ -67,6 +69,14 @@ def unique_name(stem: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:6]}"
 
 
+def store_lock(uri: str) -> AbstractContextManager:
+    """Serialises first contact with a local SQLite store: MLflow creates/migrates its tables on first use, and
+    two processes doing that at once (parallel jobs, two runs started together) corrupt the schema migration."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    return FileLock(uri[len("sqlite:///") :] + ".lock")
+
+
 class MLflowRun:
     """Context manager around one MLflow run; ends it FAILED (with the traceback) on any exception."""
 
@@ -78,23 +88,25 @@ class MLflowRun:
         )
         self.run_name = run_name
         self.tags = {**tags, **cfg.tags}
-        self.client = MlflowClient(self.uri)
+        with store_lock(self.uri):  # the client creates/migrates a new store's tables right here
+            self.client = MlflowClient(self.uri)
         self.run_id = ""
 
-    def __enter__(self) -> MLflowRun:
+    def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            try:
-                experiment_id = self.client.create_experiment(self.cfg.experiment, self.artifact_location)
-            except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel worker
-                experiment_id = self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-        self.experiment_id = experiment_id
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(self.cfg.experiment, self.artifact_location)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel worker
+            return self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+
+    def __enter__(self) -> MLflowRun:
+        self.experiment_id = self._experiment_id()
         tags = dict(self.tags)
         if self.cfg.parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = self.cfg.parent_run_id
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         return self
 
