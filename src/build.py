@@ -112,9 +112,18 @@ def log_results(tracker: MLflowRun, cfg: RunConfig, module: TransferModule, data
             tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
 
 
-def objective_value(cfg: RunConfig, trainer: pl.Trainer, checkpoint: ModelCheckpoint) -> float:
-    """The best validation value of the objective metric over the run."""
+def objective_value(
+    cfg: RunConfig, trainer: pl.Trainer, checkpoint: ModelCheckpoint, tracker: MLflowRun
+) -> float | list[float]:
+    """The best validation value of the objective metric over the run; with secondary objectives a list that
+    adds the last logged value of each (read back from MLflow, which holds every metric the run logged)."""
     score = checkpoint.best_model_score
     if score is None:
         score = trainer.callback_metrics[cfg.objective.metric]
-    return float(score)
+    if not cfg.objective.secondary:
+        return float(score)
+    logged = tracker.client.get_run(tracker.run_id).data.metrics
+    missing = [s.metric for s in cfg.objective.secondary if s.metric not in logged]
+    if missing:
+        raise KeyError(f"objective.secondary: {missing} never logged; logged: {sorted(logged)}")
+    return [float(score), *(logged[s.metric] for s in cfg.objective.secondary)]

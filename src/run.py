@@ -22,14 +22,19 @@ from src.finetune import FINETUNE
 from src.finetune.init import load_backbone
 from src.module import ClassifierHead, TransferModule
 from src.optim import configure_optimizers
+from src.sweep.trial import JobTrial
 from src.tracking import MLflowRun
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, raw: DictConfig) -> float:
+def run(cfg: RunConfig, raw: DictConfig) -> float | list[float]:
     context = build.hydra_context()
-    with MLflowRun(cfg.tracking, context.launch_dir, build.run_name(cfg, context), build.tags(cfg, context)) as tracker:
+    trial = JobTrial(cfg.extra.get("sweep"), cfg.objective)  # the Optuna trial of a sweep job; a no-op otherwise
+    with (
+        MLflowRun(cfg.tracking, context.launch_dir, build.run_name(cfg, context), build.tags(cfg, context)) as tracker,
+        trial.running(tracker),
+    ):
         build.log_config(tracker, raw, context)
         pl.seed_everything(cfg.seed, workers=True)
         strategy = FINETUNE.build(raw.finetune, client=tracker.client)
@@ -54,15 +59,15 @@ def run(cfg: RunConfig, raw: DictConfig) -> float:
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
         checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks], context)
-        trainer = pl.Trainer(**cfg.trainer, callbacks=callbacks, logger=tracker.logger())
+        trainer = pl.Trainer(**cfg.trainer, callbacks=[*callbacks, *trial.callbacks()], logger=tracker.logger())
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
         build.log_results(tracker, cfg, module, datamodule)
-        return build.objective_value(cfg, trainer, checkpoint)
+        return trial.complete(build.objective_value(cfg, trainer, checkpoint, tracker))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(raw: DictConfig) -> float:
+def main(raw: DictConfig) -> float | list[float]:
     try:
         cfg = validate(raw)
     except ConfigError as e:
