@@ -31,20 +31,16 @@ class StudyRun(MLflowRun):
 
     def __enter__(self) -> StudyRun:
         study, storage = self.tags[STUDY_TAG], self.tags[STORAGE_TAG]
-        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-        found = (
-            self.client.search_runs(
-                [experiment.experiment_id],
-                f"tags.{STUDY_TAG} = '{study}' and tags.{STORAGE_TAG} = '{storage}' and tags.{ROLE_TAG} = 'study'",
-                max_results=1,
-            )
-            if experiment
-            else []
+        self.experiment_id = self._experiment_id()
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.{STUDY_TAG} = '{study}' and tags.{STORAGE_TAG} = '{storage}' and tags.{ROLE_TAG} = 'study'",
+            max_results=1,
         )
         if not found:
             super().__enter__()
             return self
-        self.experiment_id, self.run_id = experiment.experiment_id, found[0].info.run_id
+        self.run_id = found[0].info.run_id
         self.client.update_run(self.run_id, RunStatus.to_string(RunStatus.RUNNING))
         self.set_tags(self.tags)  # this launch's commit and multirun dir
         log.info("Resuming study %r: MLflow parent run %s", study, self.run_id)
