@@ -37,4 +37,3 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
         timeout=timeout,
     )
     return proc
-
