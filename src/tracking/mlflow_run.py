@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
+import time
 import traceback
 import uuid
 from collections.abc import Mapping
@@ -127,8 +127,6 @@ class MLflowRun:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        import time
-
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
@@ -147,9 +145,6 @@ class MLflowRun:
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def download(self, path: str) -> Path:
-        return Path(self.client.download_artifacts(self.run_id, path, tempfile.mkdtemp()))
 
     def logger(self) -> EpochMLFlowLogger:
         return EpochMLFlowLogger(
