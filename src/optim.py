@@ -7,6 +7,8 @@ ratios between layer groups hold at every step, through warmup and annealing ali
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -101,12 +103,34 @@ def build_optimizer(
     return torch.optim.AdamW(pgroups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def configure_optimizers(module: pl.LightningModule, cfg: OptimConfig, weight_decay: float) -> dict:
-    """What `LightningModule.configure_optimizers` returns: optimizer + per-step LambdaLR over the whole fit."""
+def phased_factor(step: int, boundaries: Sequence[int], **schedule: object) -> float:
+    """`lr_factor` started over in each phase: `boundaries` are ascending step indices, 0 first and the total last,
+    and phase k (steps boundaries[k] to boundaries[k+1]) runs its own warmup and decay."""
+    k = min(bisect_right(boundaries, step), len(boundaries) - 1) - 1
+    start, end = boundaries[k], boundaries[k + 1]
+    return lr_factor(step - start, end - start, **schedule)
+
+
+def phase_boundaries(trainer: pl.Trainer, restarts: Sequence[int]) -> list[int]:
+    """Step indices of the phases the schedule runs: [0, the first step of each restart epoch..., total]."""
+    total = max(1, int(trainer.estimated_stepping_batches))  # also sets up the train dataloader
+    if not restarts:
+        return [0, total]
+    if not math.isfinite(trainer.num_training_batches):
+        raise ValueError("restarting the LR schedule at an epoch needs a train dataloader with a length")
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    return [0, *sorted({e * per_epoch for e in restarts if 0 < e * per_epoch < total}), total]
+
+
+def configure_optimizers(
+    module: pl.LightningModule, cfg: OptimConfig, weight_decay: float, restarts: Sequence[int] = ()
+) -> dict:
+    """What `LightningModule.configure_optimizers` returns: optimizer + per-step LambdaLR over the whole fit,
+    started over (warmup, then decay) at each epoch in `restarts` (a strategy's phases, e.g. LP-FT's)."""
     optimizer = build_optimizer(cfg, module.backbone.layer_groups(), module.head, weight_decay)
     factor = partial(
-        lr_factor,
-        total=max(1, int(module.trainer.estimated_stepping_batches)),
+        phased_factor,
+        boundaries=phase_boundaries(module.trainer, restarts),
         scheduler=cfg.scheduler,
         warmup_ratio=cfg.warmup_ratio,
         min_lr_ratio=cfg.min_lr_ratio,

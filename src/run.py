@@ -50,7 +50,12 @@ def run(cfg: RunConfig, raw: DictConfig) -> float | list[float]:
             backbone,
             head,
             datamodule.num_classes,
-            configure_optim=partial(configure_optimizers, cfg=cfg.optim, weight_decay=cfg.regularization.weight_decay),
+            configure_optim=partial(
+                configure_optimizers,
+                cfg=cfg.optim,
+                weight_decay=cfg.regularization.weight_decay,
+                restarts=strategy.schedule_restarts(),
+            ),
             label_smoothing=cfg.regularization.label_smoothing,
             batch_transforms=regularizers.batch_transforms,
             loss_terms=strategy.loss_terms() + regularizers.loss_terms,

@@ -32,7 +32,9 @@ def build(
         backbone,
         ClassifierHead(backbone.feature_dim, dm.num_classes),
         dm.num_classes,
-        configure_optim=partial(configure_optimizers, cfg=optim, weight_decay=0.01),
+        configure_optim=partial(
+            configure_optimizers, cfg=optim, weight_decay=0.01, restarts=strategy.schedule_restarts()
+        ),
     )
     return strategy, module, dm
 

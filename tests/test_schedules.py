@@ -96,6 +96,34 @@ def test_lp_ft_scales_lrs_within_the_schedule() -> None:
         assert [lrs[i] for i in range(3)] == pytest.approx([1e-2 * 0.5 ** (3 - i) * backbone for i in range(3)])
 
 
+class StepLrs(pl.Callback):
+    """The head's LR at every training step."""
+
+    def __init__(self) -> None:
+        self.head: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, idx: int) -> None:
+        self.head.append(trainer.optimizers[0].param_groups[-1]["lr"])
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_lp_ft_restarts_the_schedule_when_fine_tuning_begins(restart: bool) -> None:
+    """With `restart_schedule`, the probe epoch and the fine-tuning epochs each run a whole warmup + linear decay
+    (the head's LR at a phase's first step is its warmup start); without, one schedule spans the fit."""
+    optim = OptimConfig(lr=1e-2, scheduler="linear", warmup_ratio=0.25)
+    finetune = {"name": "lp_ft", "probe_epochs": 1, "probe_lr_scale": 1.0, "ft_lr_scale": 1.0}
+    strategy, module, dm = build({**finetune, "restart_schedule": restart}, optim, batch_size=4)
+    rec = StepLrs()
+    trainer([*strategy.callbacks(), rec], max_epochs=3).fit(module, datamodule=dm)
+    per_epoch = len(rec.head) // 3
+    phases = [rec.head[:per_epoch], rec.head[per_epoch:]] if restart else [rec.head]
+    for lrs in phases:
+        warmup = int(len(lrs) * 0.25)
+        assert lrs[0] == pytest.approx(1e-2 / warmup)
+        assert max(lrs) == pytest.approx(1e-2)
+        assert lrs[-1] == pytest.approx(1e-2 / (len(lrs) - warmup))  # the last step before the decay reaches 0
+
+
 def test_milestones_reject_unknown_group_names() -> None:
     with pytest.raises(ValueError, match="unknown layer groups"):
         build({"name": "milestones", "milestones": [{"epoch": 1, "unfreeze": ["block.7"]}]})

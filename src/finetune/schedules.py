@@ -125,6 +125,7 @@ class LpFtConfig(FinetuneConfig):
     probe_epochs: int = 1  # epochs of linear probing (backbone frozen) before fine-tuning everything
     probe_lr_scale: float = 10.0  # multiplies the head's LR while probing (a linear probe wants a larger LR)
     ft_lr_scale: float = 0.5  # multiplies the backbone groups' LRs from the first fine-tuning epoch on
+    restart_schedule: bool = True  # fine-tuning gets its own warmup + decay (two runs, as in the paper)
 
     def __post_init__(self) -> None:
         check(self.probe_epochs >= 0, f"probe_epochs: must be >= 0; got {self.probe_epochs}")
@@ -145,3 +146,7 @@ class LpFt(Strategy):
         if group == n_groups:
             return self.cfg.probe_lr_scale if probing else 1.0
         return 1.0 if probing else self.cfg.ft_lr_scale
+
+    def schedule_restarts(self) -> list[int]:
+        """Without a restart, fine-tuning would run on the cooled-down tail of the probe's schedule."""
+        return [self.cfg.probe_epochs] if self.cfg.restart_schedule else []

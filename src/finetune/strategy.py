@@ -68,6 +68,10 @@ class Strategy:
         """Factor on layer group `group`'s scheduled LR during `epoch` (`group == n_groups`: the head); 1 by default."""
         return 1.0
 
+    def schedule_restarts(self) -> list[int]:
+        """Epochs at which the LR schedule starts over (warmup, then decay over the phase); none by default."""
+        return []
+
     def callbacks(self) -> list[pl.Callback]:
         return [FreezeSchedule(self)]
 
