@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from functools import partial
 
 import hydra
@@ -26,6 +27,10 @@ from src.sweep.trial import JobTrial
 from src.tracking import MLflowRun
 
 log = logging.getLogger(__name__)
+# Library noise printed on every run that a user cannot act on: Lightning's LitLogger advert, and Lightning's use
+# of a pytree API that torch 2.13 deprecates.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
 
 
 def run(cfg: RunConfig, raw: DictConfig) -> float | list[float]:
