@@ -113,9 +113,12 @@ def phased_factor(step: int, boundaries: Sequence[int], **schedule: object) -> f
 
 def phase_boundaries(trainer: pl.Trainer, restarts: Sequence[int]) -> list[int]:
     """Step indices of the phases the schedule runs: [0, the first step of each restart epoch..., total]."""
-    total = max(1, int(trainer.estimated_stepping_batches))  # also sets up the train dataloader
+    total = max(1, int(trainer.estimated_stepping_batches))
+    restarts = [e for e in restarts if e > 0]
     if not restarts:
         return [0, total]
+    if trainer.train_dataloader is None:  # max_epochs=-1: Lightning did not need it for the total
+        trainer.fit_loop.setup_data()
     if not math.isfinite(trainer.num_training_batches):
         raise ValueError("restarting the LR schedule at an epoch needs a train dataloader with a length")
     per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)

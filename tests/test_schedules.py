@@ -124,6 +124,34 @@ def test_lp_ft_restarts_the_schedule_when_fine_tuning_begins(restart: bool) -> N
         assert lrs[-1] == pytest.approx(1e-2 / (len(lrs) - warmup))  # the last step before the decay reaches 0
 
 
+class HeadAtStart(pl.Callback):
+    """The head's final linear layer when training starts (after the strategy's callbacks)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        linear = pl_module.head[-1]
+        self.weight, self.bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+
+
+def test_lp_ft_probe_fit_sets_the_head_to_the_logistic_regression_optimum() -> None:
+    """`probe_fit`: before any step the head is the (unique, l2 > 0) optimum of the penalised logistic loss on the
+    eval-mode features of the whole training set: the objective's gradient vanishes there."""
+    # probe_epochs=1 keeps the backbone (and its BN statistics) frozen in the one step taken: same features after
+    strategy, module, dm = build({"name": "lp_ft", "probe_fit": True, "probe_epochs": 1, "probe_l2": 1e-3})
+    rec = HeadAtStart()
+    trainer([*strategy.callbacks(), rec], max_steps=1).fit(module, datamodule=dm)
+    module.eval()
+    with torch.no_grad():
+        batches = list(dm.train_dataloader())
+        x = torch.cat([module.backbone(b) for b in batches]).double()
+        y = torch.cat([b["labels"] for b in batches])
+    weight = rec.weight.double().requires_grad_()
+    bias = rec.bias.double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + 1e-3 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    assert ((x @ weight.T + bias).argmax(-1) == y).float().mean() > 0.5  # 5 classes: far above chance
+
+
 def test_milestones_reject_unknown_group_names() -> None:
     with pytest.raises(ValueError, match="unknown layer groups"):
         build({"name": "milestones", "milestones": [{"epoch": 1, "unfreeze": ["block.7"]}]})

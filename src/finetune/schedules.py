@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 from mlflow.tracking import MlflowClient
 
 from src.backbones.base import Backbone
+from src.finetune.probe_fit import FitLinearProbe
 from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
 from src.schema import check
 
@@ -126,17 +128,22 @@ class LpFtConfig(FinetuneConfig):
     probe_lr_scale: float = 10.0  # multiplies the head's LR while probing (a linear probe wants a larger LR)
     ft_lr_scale: float = 0.5  # multiplies the backbone groups' LRs from the first fine-tuning epoch on
     restart_schedule: bool = True  # fine-tuning gets its own warmup + decay (two runs, as in the paper)
+    probe_fit: bool = False  # before training, fit the head by logistic regression on features extracted once
+    probe_l2: float = 1.0e-3  # probe_fit: L2 penalty on the head weights (added to the mean cross-entropy)
 
     def __post_init__(self) -> None:
         check(self.probe_epochs >= 0, f"probe_epochs: must be >= 0; got {self.probe_epochs}")
+        check(self.probe_l2 >= 0, f"probe_l2: must be >= 0; got {self.probe_l2}")
         check(self.probe_lr_scale > 0, f"probe_lr_scale: must be > 0; got {self.probe_lr_scale}")
         check(self.ft_lr_scale > 0, f"ft_lr_scale: must be > 0; got {self.ft_lr_scale}")
 
 
 @FINETUNE.register("lp_ft", LpFtConfig)
 class LpFt(Strategy):
-    """LP-FT (Kumar et al. 2022): probe first, at a large head LR, so fine-tuning starts from a fitted head and
-    distorts the pretrained features less; then fine-tune the whole network with the backbone at a lower LR."""
+    """LP-FT (Kumar et al. 2022): probe first, so fine-tuning starts from a fitted head and distorts the pretrained
+    features less; then fine-tune the whole network with the backbone at a lower LR. The probe is `probe_epochs`
+    of head-only training at a large LR, or (`probe_fit`) the paper's logistic regression on features extracted
+    once, which costs one forward pass and lets every epoch fine-tune (`probe_epochs: 0`)."""
 
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         return set() if epoch < self.cfg.probe_epochs else set(range(n_groups))
@@ -150,3 +157,6 @@ class LpFt(Strategy):
     def schedule_restarts(self) -> list[int]:
         """Without a restart, fine-tuning would run on the cooled-down tail of the probe's schedule."""
         return [self.cfg.probe_epochs] if self.cfg.restart_schedule else []
+
+    def callbacks(self) -> list[pl.Callback]:
+        return super().callbacks() + ([FitLinearProbe(self.cfg.probe_l2)] if self.cfg.probe_fit else [])

@@ -1,0 +1,69 @@
+"""The linear probe as Kumar et al. (2022) fit it for LP-FT: logistic regression to convergence on frozen features.
+
+Features are extracted once, with the whole model in eval mode (no dropout), so the probe costs one forward pass
+over the training set instead of epochs of gradient steps through the frozen backbone; L-BFGS then fits the
+head's final linear layer exactly. Under DDP every rank gathers all ranks' features and fits the same head.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features and labels of the whole training set (this rank's shard), in eval mode."""
+    was_training = pl_module.training
+    pl_module.eval()
+    features, labels = [], []
+    quiet = trainer.progress_bar_callback is None or not trainer.is_global_zero
+    with torch.no_grad():
+        for batch in tqdm(trainer.train_dataloader, desc="LP-FT probe: features", disable=quiet, leave=False):
+            batch = trainer.strategy.batch_to_device(batch)
+            features.append(pl_module.backbone(batch).float())
+            labels.append(batch["labels"])
+    pl_module.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression: mean cross-entropy + l2·‖W‖² (bias unpenalised), minimised by L-BFGS."""
+    x = features.double()
+    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(x @ weight.T + bias, labels) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+class FitLinearProbe(pl.Callback):
+    """Before the first training step, sets the head's final linear layer to the fitted logistic regression.
+    A resumed fit (global step > 0) keeps the checkpoint's head."""
+
+    def __init__(self, l2: float, max_iter: int = 500) -> None:
+        self.l2 = l2
+        self.max_iter = max_iter
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0:
+            return
+        features, labels = extract_features(trainer, pl_module)
+        if trainer.world_size > 1:  # equal shard sizes: the DistributedSampler pads them
+            features, labels = pl_module.all_gather(features).flatten(0, 1), pl_module.all_gather(labels).flatten()
+        linear = [m for m in pl_module.head.modules() if isinstance(m, nn.Linear)][-1]
+        weight, bias = fit_logistic(features, labels, linear.out_features, self.l2, self.max_iter)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
