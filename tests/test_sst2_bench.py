@@ -25,10 +25,11 @@ RECIPES: dict[str, tuple[list[str], float]] = {
     "lp_ft": (
         [
             "finetune=lp_ft",
+            "finetune.probe_fit=true",
+            "finetune.probe_epochs=0",
+            "finetune.ft_lr_scale=1",
             "optim.lr=2e-4",
             "optim.layer_decay=0.9",
-            "finetune.probe_lr_scale=50",
-            "finetune.ft_lr_scale=1",
             "trainer.max_epochs=2",
         ],
         0.85,
