@@ -239,3 +239,26 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path: Path) -> None:
     run = trainer(strategy.callbacks(), max_epochs=2, devices=2, strategy="ddp_spawn")
     with pytest.raises(Exception, match="find_unused_parameters=True"):
         run.fit(module, datamodule=dm)
+
+
+class SaveHeadAtStart(pl.Callback):
+    """Each DDP rank writes its head as training starts (after the strategy's callbacks)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(pl_module.head.state_dict(), self.folder / f"head{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_probe_fit_gives_every_rank_the_same_head(tmp_path: Path) -> None:
+    """LP-FT's fitted probe under DDP: each rank extracts features of its own shard, gathers all of them and fits
+    the same head, so the replicas start fine-tuning identical."""
+    strategy, module, dm = build({"name": "lp_ft", "probe_fit": True, "probe_epochs": 0}, batch_size=8)
+    init = {k: v.detach().clone() for k, v in module.head.state_dict().items()}
+    run = trainer([*strategy.callbacks(), SaveHeadAtStart(tmp_path)], max_steps=1, devices=2, strategy="ddp_spawn")
+    run.fit(module, datamodule=dm)
+    rank0, rank1 = (torch.load(tmp_path / f"head{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert all(not torch.equal(rank0[k], init[k]) for k in rank0)
