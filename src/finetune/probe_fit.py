@@ -7,6 +7,9 @@ head's final linear layer exactly. Under DDP every rank gathers all ranks' featu
 
 from __future__ import annotations
 
+import math
+from itertools import islice
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -14,13 +17,17 @@ from tqdm.auto import tqdm
 
 
 def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features and labels of the whole training set (this rank's shard), in eval mode."""
+    """Backbone features and labels of the training batches an epoch sees (this rank's shard; `limit_train_batches`
+    applies), in eval mode."""
     was_training = pl_module.training
     pl_module.eval()
     features, labels = [], []
+    n = trainer.num_training_batches
+    batches = islice(trainer.train_dataloader, int(n)) if math.isfinite(n) else trainer.train_dataloader
     quiet = trainer.progress_bar_callback is None or not trainer.is_global_zero
+    total = int(n) if math.isfinite(n) else None
     with torch.no_grad():
-        for batch in tqdm(trainer.train_dataloader, desc="LP-FT probe: features", disable=quiet, leave=False):
+        for batch in tqdm(batches, desc="LP-FT probe: features", total=total, disable=quiet, leave=False):
             batch = trainer.strategy.batch_to_device(batch)
             features.append(pl_module.backbone(batch).float())
             labels.append(batch["labels"])
