@@ -122,7 +122,7 @@ def phase_boundaries(trainer: pl.Trainer, restarts: Sequence[int]) -> list[int]:
     if not math.isfinite(trainer.num_training_batches):
         raise ValueError("restarting the LR schedule at an epoch needs a train dataloader with a length")
     per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-    return [0, *sorted({e * per_epoch for e in restarts if 0 < e * per_epoch < total}), total]
+    return [0, *sorted({e * per_epoch for e in restarts if e * per_epoch < total}), total]
 
 
 def configure_optimizers(

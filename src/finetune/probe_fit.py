@@ -23,9 +23,9 @@ def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
     pl_module.eval()
     features, labels = [], []
     n = trainer.num_training_batches
-    batches = islice(trainer.train_dataloader, int(n)) if math.isfinite(n) else trainer.train_dataloader
-    quiet = trainer.progress_bar_callback is None or not trainer.is_global_zero
     total = int(n) if math.isfinite(n) else None
+    batches = islice(trainer.train_dataloader, total)  # total None: the whole loader
+    quiet = trainer.progress_bar_callback is None or not trainer.is_global_zero
     with torch.no_grad():
         for batch in tqdm(batches, desc="LP-FT probe: features", total=total, disable=quiet, leave=False):
             batch = trainer.strategy.batch_to_device(batch)
