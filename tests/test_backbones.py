@@ -264,14 +264,14 @@ def test_small_cnn_pretrains_on_digits_then_loads_identical_weights_from_cache(t
     assert first.pretrain_info["from_cache"] is False and second.pretrain_info["from_cache"] is True
     assert first.pretrain_info["source_accuracy"] > 0.95
     assert Path(first.pretrain_info["cache_path"]).parent == tmp_path / "small_cnn"
-    assert [p.name for p in (tmp_path / "small_cnn").iterdir()] == [Path(first.pretrain_info["cache_path"]).name]
+    assert [p.name for p in (tmp_path / "small_cnn").glob("*.pt")] == [Path(first.pretrain_info["cache_path"]).name]
     a, b = first.state_dict(), second.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # incl. BatchNorm running statistics
     assert cached_s < trained_s / 5
 
     other = BACKBONES.build({**node, "pretrain_epochs": 2})  # different settings: a different cache entry
     assert other.pretrain_info["from_cache"] is False
-    assert len(list((tmp_path / "small_cnn").iterdir())) == 2
+    assert len(list((tmp_path / "small_cnn").glob("*.pt"))) == 2
 
 
 def test_small_cnn_scratch_and_shapes(tmp_path: Path) -> None:

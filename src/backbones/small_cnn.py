@@ -7,16 +7,10 @@ sweep pays for it once; the file is written atomically so parallel workers can r
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import itertools
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +20,7 @@ from torch import nn
 from src.backbones import BACKBONES
 from src.backbones.base import Backbone, LayerGroup, Preprocessing
 from src.backbones.groups import check_partition, module_layer_groups
+from src.cache import Cache, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +99,9 @@ def _settings(cfg: SmallCNNConfig) -> dict[str, Any]:
     return {**{k: v for k, v in asdict(cfg).items() if k in keep}, "recipe": RECIPE}
 
 
-def cache_path(cfg: SmallCNNConfig) -> Path:
-    """``<cache_dir>/small_cnn/<pretrain>-<hash>.pt``; cache_dir defaults to $TRANSFER_LAB_CACHE or ~/.cache."""
-    root = cfg.cache_dir or os.environ.get("TRANSFER_LAB_CACHE") or Path.home() / ".cache" / "transfer-lab"
-    digest = hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    return Path(root) / "small_cnn" / f"{cfg.pretrain}-{digest}.pt"
+def weights_cache(cfg: SmallCNNConfig) -> tuple[Cache, str]:
+    """The shared on-disk cache (`src.cache`) and the key of these pretrained weights."""
+    return Cache("small_cnn", cfg.cache_dir), f"{cfg.pretrain}-{fingerprint(_settings(cfg))}"
 
 
 def _source_data(net: SmallCNN, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,35 +141,28 @@ def pretrain_on_digits(net: SmallCNN, cfg: SmallCNNConfig) -> float:
     return accuracy
 
 
-def _save_atomically(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _load_or_pretrain(net: SmallCNN, cfg: SmallCNNConfig) -> dict[str, Any]:
-    path = cache_path(cfg)
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        net.load_state_dict(state["state_dict"])
-        log.info("small_cnn: loaded %s-pretrained weights from cache %s", cfg.pretrain, path)
-        return {"source_accuracy": state["source_accuracy"], "cache_path": str(path), "from_cache": True}
-    start = time.perf_counter()
-    accuracy = pretrain_on_digits(net, cfg)
-    _save_atomically({"state_dict": net.state_dict(), "source_accuracy": accuracy}, path)
-    log.info(
-        "small_cnn: trained on digits %s for %d epochs in %.1fs, held-out source accuracy %.3f; cached at %s",
-        *(cfg.pretrain_classes, cfg.pretrain_epochs, time.perf_counter() - start, accuracy, path),
-    )
-    return {"source_accuracy": accuracy, "cache_path": str(path), "from_cache": False}
+    cache, key = weights_cache(cfg)
+
+    def pretrain() -> dict[str, Any]:
+        start = time.perf_counter()
+        accuracy = pretrain_on_digits(net, cfg)
+        log.info(
+            "small_cnn: trained on digits %s for %d epochs in %.1fs, held-out source accuracy %.3f",
+            *(cfg.pretrain_classes, cfg.pretrain_epochs, time.perf_counter() - start, accuracy),
+        )
+        return {"state_dict": net.state_dict(), "source_accuracy": accuracy}
+
+    state = cache.get_or_compute(key, pretrain)
+    net.load_state_dict(state["state_dict"])
+    from_cache = cache.stats.hits > 0
+    if from_cache:
+        log.info("small_cnn: loaded %s-pretrained weights from cache %s", cfg.pretrain, cache.dir / key)
+    return {
+        "source_accuracy": state["source_accuracy"],
+        "cache_path": str(cache.dir / f"{key}.pt"),
+        "from_cache": from_cache,
+    }
 
 
 @BACKBONES.register("small_cnn", SmallCNNConfig)

@@ -1,0 +1,192 @@
+"""One on-disk, content-addressed cache for everything derived and expensive: pretrained weights, parsed and
+tokenised tables, frozen-backbone features.
+
+An entry is a `torch.save`d value under `<root>/<namespace>/<key>.pt` plus a `<key>.json` sidecar holding its size
+and SHA-256. Writers write a temp file and rename it (readers never see a partial file) and hold a per-key file
+lock while computing, so parallel workers (joblib processes, SLURM jobs on a shared filesystem) racing on an empty
+cache compute an entry once and all read the same bytes. A truncated or corrupt entry fails its checksum and is
+recomputed with a warning, never used.
+
+Keys are `fingerprint(...)` of everything that determines the value; `file_digest` hashes data files by content
+(memoised per path, size and mtime), `state_digest` hashes a model's weights, so a renamed file or a same-named
+checkpoint with other weights can never hit the wrong entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "TRANSFER_LAB_CACHE"
+T = TypeVar("T")
+
+
+def cache_root(configured: str | os.PathLike | None = None) -> Path:
+    """`configured`, else `$TRANSFER_LAB_CACHE`, else `~/.cache/transfer-lab` (outside any checkout)."""
+    return Path(configured or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "transfer-lab").expanduser()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hex key of JSON-able parts (dicts in any key order give the same key)."""
+    blob = json.dumps(_canonical(list(parts)), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content; memoised per (path, size, mtime) so a run hashes each file once."""
+    p = Path(path).resolve()
+    stat = p.stat()
+    memo = (str(p), stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_DIGESTS[memo] = h.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, values): its weights' identity."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    """What a run got from one namespace: logged to MLflow as `cache/<namespace>/*`."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes: int = 0
+    seconds_computing: float = 0.0
+
+    def as_metrics(self, namespace: str) -> dict[str, float]:
+        return {f"cache/{namespace}/{k}": float(v) for k, v in vars(self).items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class Cache:
+    """The entries of one namespace (e.g. `features`, `tokenized`, `small_cnn`) under a cache root."""
+
+    def __init__(self, namespace: str, root: str | os.PathLike | None = None) -> None:
+        self.namespace = namespace
+        self.dir = cache_root(root) / namespace
+        self.stats = CacheStats()
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.dir / f"{key}.pt", self.dir / f"{key}.json"
+
+    def contains(self, key: str) -> bool:
+        data, meta = self._paths(key)
+        return data.exists() and meta.exists()
+
+    def load(self, key: str) -> Any | None:
+        """The entry, or None when absent; a corrupt entry is removed with a warning and reported absent."""
+        data, meta = self._paths(key)
+        if not (data.exists() and meta.exists()):
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            if data.stat().st_size != info["size"] or _sha256(data) != info["sha256"]:
+                raise ValueError(f"size/checksum mismatch (expected {info['size']} bytes)")
+            value = torch.load(data, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any damage means: do not use, recompute
+            log.warning("cache: entry %s is corrupt (%s); recomputing it", data, e)
+            for p in (meta, data):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            return None
+        self.stats.bytes += info["size"]
+        return value
+
+    def save(self, key: str, value: Any) -> int:
+        """Write the entry atomically (data first, then the sidecar that makes it valid); returns its size."""
+        data, meta = self._paths(key)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(data, lambda f: torch.save(value, f))
+        info = {"size": data.stat().st_size, "sha256": _sha256(data), "created": time.time()}
+        _write_atomically(meta, lambda f: f.write(json.dumps(info).encode()))
+        return info["size"]
+
+    def get_or_compute(self, key: str, compute: Callable[[], T]) -> T:
+        """The cached value for `key`, computing and storing it on a miss. Workers racing on the same key wait on
+        one lock, so the value is computed once and everyone loads the same bytes."""
+        value = self.load(key)
+        if value is not None:
+            self.stats.hits += 1
+            return value
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self._paths(key)[0]) + ".lock"):
+            value = self.load(key)  # another worker may have finished it while we waited
+            if value is not None:
+                self.stats.hits += 1
+                return value
+            start = time.perf_counter()
+            value = compute()
+            self.stats.seconds_computing += time.perf_counter() - start
+            self.stats.bytes += self.save(key, value)
+            self.stats.misses += 1
+            return value
+
+    def size(self) -> int:
+        """Bytes on disk in this namespace."""
+        return sum(p.stat().st_size for p in self.dir.glob("*") if p.is_file()) if self.dir.exists() else 0
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
