@@ -28,6 +28,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # None: same as batch_size
     num_workers: int = 0
     max_train_samples: int | None = None  # seeded random subset of the training split (seed = run seed)
+    max_train_per_class: int | None = None  # seeded per-class cap on the training split (learning curves)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -38,6 +39,8 @@ class DataConfig:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples: must be >= 1 or null, got {self.max_train_samples}")
+        if self.max_train_per_class is not None and self.max_train_per_class < 1:
+            raise ValueError(f"max_train_per_class: must be >= 1 or null, got {self.max_train_per_class}")
 
 
 def check_path(key: str, path: str | None, directory: bool = False) -> None:
@@ -129,9 +132,14 @@ class ClassificationDataModule(pl.LightningDataModule):
         """
         raise NotImplementedError
 
-    def train_indices(self, n: int) -> np.ndarray:
-        """Indices of the seeded ``max_train_samples`` subset of an ``n``-sample training split."""
-        return seeded_subset(n, self.cfg.max_train_samples, self.seed)
+    def train_indices(self, labels: Sequence[Hashable]) -> np.ndarray:
+        """Indices into a training split (given by its labels) of its seeded subset: at most
+        ``max_train_per_class`` examples of each class, then at most ``max_train_samples`` in all."""
+        keep = np.arange(len(labels))
+        if self.cfg.max_train_per_class is not None:
+            cap = self.cfg.max_train_per_class
+            keep = stratified_split(labels, lambda n: [min(cap, n)], self.seed)[0]
+        return keep[seeded_subset(len(keep), self.cfg.max_train_samples, self.seed)]
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:

@@ -175,7 +175,7 @@ class TextTableDataModule(ClassificationDataModule):
         else:
             val, val_key = self._read("val_path"), "val_path"
             train_idx, val_idx = np.arange(len(train.labels)), np.arange(len(val.labels))
-        train_idx = train_idx[self.train_indices(len(train_idx))]
+        train_idx = train_idx[self.train_indices([train.labels[i] for i in train_idx])]
         splits: dict[str, Dataset] = {
             "train": self._encode(train, train_idx, mapping, "train_path"),
             "val": self._encode(val, val_idx, mapping, val_key),
