@@ -40,7 +40,7 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Estimate
     if x.size == 1:
         return Estimate(1, mean, None)
     std = float(x.std(ddof=1))
-    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * std / math.sqrt(x.size)
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1)) * std / math.sqrt(x.size)
     return Estimate(int(x.size), mean, std, mean - half, mean + half)
 
 
@@ -60,8 +60,8 @@ def difference(
     se = math.sqrt(va + vb)
     if se == 0.0:
         return Estimate(min(xa.size, xb.size), diff, 0.0, diff, diff, paired=False)
-    df = (va + vb) ** 2 / (va**2 / (xa.size - 1) + vb**2 / (xb.size - 1))  # Welch-Satterthwaite
-    half = stats.t.ppf(0.5 + confidence / 2, df) * se
+    df = float(va + vb) ** 2 / (va**2 / (xa.size - 1) + vb**2 / (xb.size - 1))  # Welch-Satterthwaite
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
     return Estimate(min(xa.size, xb.size), diff, se, diff - half, diff + half, paired=False)
 
 
