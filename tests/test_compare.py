@@ -292,3 +292,16 @@ def test_regime_map_recipes_compose_and_validate(sweep: str) -> None:
     for name in names:
         run_cfg = validate(composed(f"sweep={sweep}", f"+recipe={name}"))
         assert run_cfg.finetune.name == name.split("_", 1)[1]
+
+
+def test_optuna_sweep_gets_the_expected_max_plot(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    study = s.client.create_run(s.exp, run_name="study", tags={"optuna_role": "study", "optuna_study": "st"})
+    parent = {MLFLOW_PARENT_RUN_ID: study.info.run_id, "optuna_role": "trial"}
+    for trial, (lr, val) in enumerate([("0.1", 0.5), ("0.01", 0.8), ("0.001", 0.7), ("0.03", 0.6)]):
+        s.add("full", 0, val, params={"optim.lr": lr}, tags={**parent, "optuna_trial": str(trial)})
+    s.add("full", 0, 0.4, params={"optim.lr": "0.5"}, tags={**parent, "optuna_trial": "4", "optuna_state": "PRUNED"})
+    out, _ = run_compare(parse([f"uri={s.uri}", "experiment=exp", "sweep=st", "out=r", "log=false"]), tmp_path)
+    assert (out / "sweep_expected_max.png").is_file()
+    text = (out / "report.md").read_text()
+    assert "Excluded runs: 1 pruned." in text and text.count("n = 1, no interval") >= 4

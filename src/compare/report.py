@@ -15,7 +15,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from src.compare import plots
 from src.compare.analysis import Comparison, Group, Recommendation, as_number, contexts, recommend_at
-from src.compare.runs import REPORT_TAG
+from src.compare.runs import REPORT_TAG, RunRecord
 from src.compare.stats import Estimate, difference
 from src.sweep.trial import ROLE_TAG
 
@@ -189,6 +189,16 @@ def recommendation_lines(comparison: Comparison, rec: Recommendation) -> list[st
     return [*lines, ""]
 
 
+def time_line(runs: Sequence[RunRecord]) -> str:
+    """Total run time and the wall span from the first start to the last end (a sweep's duration when serial)."""
+    timed = [r for r in runs if r.seconds is not None]
+    if not timed:
+        return ""
+    total = sum(r.seconds for r in timed)
+    span = (max(r.start_ms + 1000 * r.seconds for r in timed) - min(r.start_ms for r in timed)) / 1000
+    return f"Run time: {total / 60:.1f} min in all; first start to last end: {span / 60:.1f} min."
+
+
 def is_sweep(comparison: Comparison) -> bool:
     runs = comparison.selection.runs
     return len(runs) >= 2 and all(r.tags.get(ROLE_TAG) == "trial" for r in runs)
@@ -210,7 +220,7 @@ def build(comparison: Comparison, out: Path, title: str, rec: Recommendation | N
         "Δ vs best is paired by seed when both groups ran the same seeds, else Welch; "
         "within noise = the interval of Δ contains 0.",
         "",
-        f"Excluded runs: {excluded}.",
+        f"Excluded runs: {excluded}. {time_line(sel.runs)}",
         "",
         markdown_table(header, rows),
         "",
