@@ -127,6 +127,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     from src.finetune import FINETUNE
 
     registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE}
+    # Defaults that refer to other keys (optim.lr: ${finetune.lr}) are checked as the values they resolve to.
+    cfg = _parse("config", lambda c=cfg: OmegaConf.create(OmegaConf.to_container(c, resolve=True)))
     for key in [*registries, *FIXED_GROUPS, "trainer"]:
         if key not in cfg:
             raise ConfigError(f"{key}: missing config group")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ ERROR_LOG = "error.log"
 def exit_code(exc: BaseException) -> int:
     if STOP.signum is not None:
         return 128 + STOP.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return 128 + signal.SIGINT
     return 2 if isinstance(exc, ConfigError) else 1
 
 
@@ -32,6 +35,8 @@ def one_line(exc: BaseException) -> str:
     """What the user reads: the message alone for their own mistakes, the type too for anything else."""
     if STOP.signum is not None:
         return STOP.describe()
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted (Ctrl-C)"
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, ConfigError):
         return f"Error: {text}"
@@ -66,7 +71,7 @@ def _report(exc: BaseException, output_dir: Path, multirun: bool) -> None:
     elif output_dir.is_dir():
         log = output_dir / ERROR_LOG
         log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        if not isinstance(exc, ConfigError):
+        if not isinstance(exc, ConfigError) and STOP.signum is None:
             detail = f"\n  (full traceback: {log})"
     print(f"{line}{detail}", file=sys.stderr, flush=True)
     if multirun and STOP.signum is None:

@@ -54,12 +54,14 @@ def check_trainer(kwargs: dict) -> None:
 
 
 def _writable(path: Path) -> bool:
-    """Whether `path` can be written: it exists and is writable, or its nearest existing parent is."""
-    while not path.exists():
-        if path.parent == path:
-            return False
-        path = path.parent
-    return os.access(path, os.W_OK)
+    """Whether `path` can be written: it exists and is writable, or its nearest existing parent is a writable
+    folder."""
+    if path.exists():
+        return os.access(path, os.W_OK)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK)
 
 
 def check_tracking(uri: str, artifact_location: str | None, launch_dir: Path) -> None:

@@ -89,9 +89,8 @@ def run(
         return trial.complete(build.objective_value(cfg, trainer, checkpoint, tracker))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(raw: DictConfig) -> float | list[float]:
-    context = build.hydra_context()
+def execute(raw: DictConfig, context: build.HydraContext) -> float | list[float]:
+    """A composed config, end to end: every failure becomes one line and an exit code (src.errors)."""
     STOP.install()
     with one_clear_answer(context.output_dir, multirun=context.job_num is not None):
         OmegaConf.resolve(raw)
@@ -99,6 +98,11 @@ def main(raw: DictConfig) -> float | list[float]:
         preflight.check(cfg, context.launch_dir)
         cfg, raw, context, resume = build.resume_point(cfg, raw, context)
         return run(cfg, raw, context, resume)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(raw: DictConfig) -> float | list[float]:
+    return execute(raw, build.hydra_context())
 
 
 if __name__ == "__main__":
