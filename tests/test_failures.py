@@ -21,8 +21,8 @@ from src.backbones import BACKBONES
 from src.config import validate
 from src.data import DATA
 from src.health import HealthCheck
-from src.run import execute
 from src.schema import ConfigError
+from src.train import execute
 from tests.conftest import REPO
 from tests.test_freeze import build as build_pieces
 from tests.test_freeze import trainer as bare_trainer
