@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from src.schema import ConfigError, blame
+
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
     from src.backbones.base import Preprocessing
 
@@ -134,17 +136,34 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def train_indices(self, labels: Sequence[Hashable]) -> np.ndarray:
         """Indices into a training split (given by its labels) of its seeded subset: at most
-        ``max_train_per_class`` examples of each class, then at most ``max_train_samples`` in all."""
+        ``max_train_per_class`` examples of each class, then ``max_train_samples`` in all."""
         keep = np.arange(len(labels))
         if self.cfg.max_train_per_class is not None:
             cap = self.cfg.max_train_per_class
             keep = stratified_split(labels, lambda n: [min(cap, n)], self.seed)[0]
-        return keep[seeded_subset(len(keep), self.cfg.max_train_samples, self.seed)]
+        n = len(keep)
+        if self.cfg.max_train_samples is not None and self.cfg.max_train_samples > n:
+            raise ConfigError(
+                f"data.max_train_samples: {self.cfg.max_train_samples} asked, but the training split has only {n} "
+                "examples; lower it or set it to null (all)"
+            )
+        return keep[seeded_subset(n, self.cfg.max_train_samples, self.seed)]
 
     def setup(self, stage: str | None = None) -> None:
+        """Builds the splits once, and refuses data that cannot train a classifier before any compute."""
         if self._splits:
             return
-        splits, self.class_names = self._build()
+        with blame(f"data ({self.cfg.name})"):
+            splits, class_names = self._build()
+        if len(class_names) < 2:
+            raise ConfigError(
+                f"data ({self.cfg.name}): the training data has {len(class_names)} class(es) {class_names}; "
+                "a classifier needs at least 2 (check the label column)"
+            )
+        for split, dataset in splits.items():
+            if len(dataset) == 0:
+                raise ConfigError(f"data ({self.cfg.name}): the {split} split is empty")
+        self.class_names = class_names
         self.label_mapping = {name: i for i, name in enumerate(self.class_names)}
         self._splits = splits
 

@@ -228,7 +228,7 @@ class StudySweep:
                 with open_dict(job_cfg):
                     del job_cfg["hydra"]
                 validate(job_cfg)
-            except (ConfigError, SweepError, HydraException, OmegaConfBaseException) as e:
+            except (ConfigError, HydraException, OmegaConfBaseException) as e:
                 fail(study, trial._trial_id, f"invalid config: {e}")
                 continue
             jobs.append(overrides)
