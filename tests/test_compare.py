@@ -254,8 +254,7 @@ def composed(*overrides: str):
 
 
 def test_end_to_end_on_real_digits_runs(tmp_path: Path) -> None:
-    from src.config import validate
-    from src.run import run
+    from src.train import execute
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for finetune in ("scratch", "full"):
@@ -270,7 +269,7 @@ def test_end_to_end_on_real_digits_runs(tmp_path: Path) -> None:
                 "trainer.limit_train_batches=1",
                 "trainer.enable_progress_bar=false",
             )
-            run(validate(raw), raw)
+            execute(raw)
     out, run_id = run_compare(parse([f"uri={uri}", "out=report"]), tmp_path)
     comparison_csv = list(csv.DictReader((out / "groups.csv").open()))
     assert {r["finetune"] for r in comparison_csv} == {"scratch", "full"}

@@ -15,6 +15,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from src.schema import ConfigError
 from src.sweep.trial import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG
+from src.tracking.multirun import ROLE_TAG as GRID_ROLE_TAG
 
 REPORT_TAG = "report"  # set on the run a report is logged to; such runs are never compared
 UNSET = {"None", "null", ""}  # how older runs recorded an unset value (newer runs omit the param)
@@ -48,17 +49,22 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def find_parent(client: MlflowClient, experiment: str, sweep: str) -> Run:
-    """The parent run of a sweep by run id, run name or Optuna study name."""
+    """The parent run of a sweep or grid by run id, run name, Optuna study name or multirun folder."""
     try:
         return client.get_run(sweep)
     except MlflowException:
         pass
     quoted = sweep.replace("'", "\\'")
-    for where in (f"attributes.run_name = '{quoted}'", f"tags.{STUDY_TAG} = '{quoted}' and tags.{ROLE_TAG} = 'study'"):
+    folder = str(Path(sweep).resolve()).replace("'", "\\'")
+    for where in (
+        f"attributes.run_name = '{quoted}'",
+        f"tags.{STUDY_TAG} = '{quoted}' and tags.{ROLE_TAG} = 'study'",
+        f"tags.multirun_dir = '{folder}' and tags.{GRID_ROLE_TAG} = 'grid'",
+    ):
         found = client.search_runs([experiment], where, max_results=1)
         if found:
             return found[0]
-    raise ConfigError(f"sweep: no run with id, name or Optuna study name {sweep!r} in this experiment")
+    raise ConfigError(f"sweep: no run with id, name, Optuna study name or multirun folder {sweep!r} in this experiment")
 
 
 def search(client: MlflowClient, experiment: str, where: str) -> list[Run]:
@@ -168,7 +174,10 @@ def select(
     jobs = [
         r
         for r in found
-        if REPORT_TAG not in r.data.tags and r.info.run_id not in parents and r.data.tags.get(ROLE_TAG) != "study"
+        if REPORT_TAG not in r.data.tags
+        and r.info.run_id not in parents
+        and r.data.tags.get(ROLE_TAG) != "study"
+        and r.data.tags.get(GRID_ROLE_TAG) != "grid"
     ]
     if not jobs:
         scope = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}"
