@@ -192,6 +192,14 @@ def test_recommendation_at_the_nearest_size_cheapest_first(tmp_path: Path) -> No
     assert small.size == 4 and [g.values["finetune"] for g in small.candidates] == ["linear_probe", "full"]
     large = recommend(comparison, 40)
     assert large.size == 64 and [g.values["finetune"] for g in large.candidates] == ["full"]
+    out, _ = run_compare(parse([f"uri={s.uri}", "experiment=exp", "out=r", "log=false", "recommend=6"]), tmp_path)
+    text = (out / "report.md").read_text()
+    assert "## Regime map" in text and (out / "learning_curve.png").is_file()
+    assert (
+        "`full` overtakes `linear_probe` from data.max_train_per_class = 64 (0.86 vs 0.75); beyond noise from 64"
+        in text
+    )
+    assert "1. finetune=linear_probe: val/acc 0.71 ± 0.01 [" in text  # cheapest first, with its CI
 
 
 def test_cli_writes_and_logs_the_report(store: Store, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -101,10 +101,11 @@ def cost_front(comparison: Comparison, path: Path) -> Path | None:
         for i, (context, members) in enumerate(contexts(comparison).items()):
             members = [g for g in members if fn(g)]
             color = f"C{i % 10}"
+            front = [members[j] for j in pareto_front([(fn(g), g.metric.mean) for g in members], maximize)]
             for g in members:
                 _errorbar(ax, fn(g), g.metric, color, None, vertical=True)
-                ax.annotate(g.label(comparison.series_keys), (fn(g), g.metric.mean), fontsize=7, alpha=0.8)
-            front = [members[j] for j in pareto_front([(fn(g), g.metric.mean) for g in members], maximize)]
+                if g in front or len(members) <= 8:  # name every point when few, else the front only
+                    ax.annotate(g.label(comparison.series_keys), (fn(g), g.metric.mean), fontsize=7, alpha=0.8)
             label = ", ".join(f"{k}={v}" for k, v in zip(comparison.data_keys, context, strict=True)) or "Pareto front"
             ax.step(
                 [fn(g) for g in front], [g.metric.mean for g in front], "--", where="post", color=color, label=label
