@@ -1,7 +1,7 @@
 """`python -m src.compare [key=value ...]`: group runs, compare them with seed statistics, write and log a report.
 
 Options are `key=value` like `src.run`'s overrides (lists as `by=[finetune,backbone]`); bad input prints one
-line and exits 2.
+line and exits 2. Heavy libraries load only once the options parse.
 """
 
 from __future__ import annotations
@@ -14,11 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from src.compare import report
-from src.compare.analysis import compare, recommend
-from src.compare.runs import open_store, select
 from src.schema import ConfigError
-from src.tracking import resolve_uri
 
 TRACKING_DEFAULTS = Path(__file__).resolve().parents[2] / "conf" / "tracking" / "mlflow.yaml"
 
@@ -38,7 +34,8 @@ class CompareSettings:
         default="", metadata={"help": "MLflow experiment; default: the runs' default (transfer-lab)"}
     )
     sweep: str | None = field(
-        default=None, metadata={"help": "only the children of this parent run (run id, run name or Optuna study name)"}
+        default=None,
+        metadata={"help": "children of this sweep or grid: parent run id or name, Optuna study, multirun folder"},
     )
     filter: str = field(
         default="",
@@ -106,6 +103,12 @@ def parse(overrides: list[str]) -> CompareSettings:
 
 def run(settings: CompareSettings, launch_dir: Path | None = None) -> tuple[Path, str | None]:
     """Select, compare, write the report (and log it); returns the folder and the report's MLflow run id."""
+    # Imported here, so that --help and input errors answer at once (MLflow, matplotlib and scipy take seconds).
+    from src.compare import report
+    from src.compare.analysis import compare, recommend
+    from src.compare.runs import open_store, select
+    from src.tracking.mlflow_run import resolve_uri
+
     base = launch_dir or Path.cwd()
     uri = resolve_uri(settings.uri, base)
     client = open_store(uri)
