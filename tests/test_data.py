@@ -19,7 +19,7 @@ from src.backbones.base import Preprocessing
 from src.data import DATA
 from src.data.common import seeded_subset, stratified_split
 from src.data.digits import digits_arrays
-from src.data.text_table import read_table
+from src.data.tables import read_table
 from src.data.transforms import CenterCrop, RandomHorizontalFlip, Resize
 from tests.conftest import shared
 
@@ -266,7 +266,7 @@ def test_text_table_errors(tmp_path: Path, text_pre: Preprocessing) -> None:
 
 def test_sst2(text_pre: Preprocessing) -> None:
     root = shared("sst2")
-    counts = {split: len(read_table(root / f"{split}.tsv", "tsv")[0]) for split in ("train", "dev", "test")}
+    counts = {split: len(read_table("path", root / f"{split}.tsv").lines) for split in ("train", "dev", "test")}
     assert counts == {"train": 67349, "dev": 872, "test": 1821}
     node = {
         "name": "text_table",
