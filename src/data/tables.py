@@ -199,16 +199,17 @@ def _read_json_lines(where: str, data: bytes, bad_rows: str) -> RawTable:
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    numbered.append((n, json.loads(line)))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
-                    bad.append(n)
+                    record = None
+                (numbered.append((n, record)) if isinstance(record, dict) else bad.append(n))
         if bad:
-            message = f"{where}: line(s) {listed(bad)} are not valid JSON"
+            message = f'{where}: line(s) {listed(bad)} are not JSON objects ({{"column": value, ...}})'
             if bad_rows == "error":
                 raise ConfigError(f"{message}; fix them or set bad_rows: skip")
             warnings.append(f"{message}; skipped (bad_rows: skip)")
     if not_objects := [n for n, record in numbered if not isinstance(record, dict)]:
-        raise ConfigError(f'{where}: line(s) {listed(not_objects)} are not JSON objects ({{"column": value, ...}})')
+        raise ConfigError(f'{where}: record(s) {listed(not_objects)} are not JSON objects ({{"column": value, ...}})')
     names = list(dict.fromkeys(key for _, record in numbered for key in record))
     columns = {name: [record.get(name) for _, record in numbered] for name in names}
     return RawTable(where, columns, [n for n, _ in numbered], warnings)

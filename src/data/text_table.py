@@ -216,7 +216,18 @@ class Source:
 
 
 def encode_table(raw: RawTable, cfg: TextTableConfig, tokenizer: Any, headerless: bool) -> dict[str, Any]:
-    """Join/clean the text columns, drop or reject bad rows, tokenise: the value the cache stores per table."""
+    """Join/clean the text columns, drop or reject bad rows, tokenise: the value the cache stores per table.
+
+    Warnings are issued as they arise (before a later error) and kept in the entry, to repeat on cache hits.
+    """
+    warned: list[str] = []
+
+    def note(message: str) -> None:
+        warnings.warn(message, UserWarning, stacklevel=3)
+        warned.append(message)
+
+    for message in raw.warnings:
+        note(message)
     hint = ""
     if looks_like_data(list(raw.columns)):
         hint = "; the header row looks like data: if the file has no header, set column_names: [...] or header: false"
@@ -229,14 +240,13 @@ def encode_table(raw: RawTable, cfg: TextTableConfig, tokenizer: Any, headerless
     texts = texts_of(cfg.text_columns())
     pairs = texts_of([cfg.text_pair_column]) if cfg.text_pair_column is not None else None
     labels = [label_text(v) for v in raw.column(cfg.label_column, hint)]
-    warned = list(raw.warnings)
     if (
         headerless
         and len(labels) > 1
         and as_int(labels[0] or "") is None
         and all(as_int(x or "") is not None for x in labels[1:])
     ):
-        warned.append(
+        note(
             f"{raw.where}: line {raw.lines[0]} looks like a header (label {labels[0]!r}, all other labels are "
             "integers); if the file has a header row, set header: true"
         )
@@ -252,7 +262,7 @@ def encode_table(raw: RawTable, cfg: TextTableConfig, tokenizer: Any, headerless
         )
         if cfg.bad_rows == "error":
             raise ConfigError(f"{raw.where}: {len(bad)} row(s) with {detail}; fix them or set bad_rows: skip")
-        warned.append(f"{raw.where}: skipped {len(bad)} row(s) with {detail} (bad_rows: skip)")
+        note(f"{raw.where}: skipped {len(bad)} row(s) with {detail} (bad_rows: skip)")
         keep = np.setdiff1d(np.arange(len(texts)), bad)
         texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
         pairs = [pairs[i] for i in keep] if pairs is not None else None
@@ -290,15 +300,15 @@ class LabelIndex:
         self.by_name = {name: i for i, name in enumerate(self.class_names)}
 
     @staticmethod
-    def _infer_base(ints: list[int], k: int, where: str) -> int:
-        lo, hi = min(ints), max(ints)
-        zero, one = lo >= 0 and hi < k, lo >= 1 and hi <= k
-        if zero and one:
+    def _infer_base(ints: list[int], k: int, key: str) -> int:
+        """The base under which more of the distinct integer labels name a class; a tie is ambiguous."""
+        fits = [sum(base <= n < k + base for n in ints) for base in (0, 1)]
+        if fits[0] == fits[1]:
             raise ConfigError(
-                f"label_base: the integer labels of {where} ({lo}..{hi}) index the {k} label_names either from 0 or "
-                "from 1; set label_base: 0 or 1"
+                f"label_base: the integer labels of {key} ({min(ints)}..{max(ints)}) index the {k} label_names "
+                "either from 0 or from 1; set label_base: 0 or 1"
             )
-        return 1 if one else 0  # neither: 0, and the values outside 0..k-1 are reported as unknown labels
+        return int(fits[1] > fits[0])  # the labels outside the range are then reported as unknown
 
     def index(self, label: str) -> int:
         """The class index of ``label``, -1 when it is not a class."""
