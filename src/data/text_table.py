@@ -303,7 +303,7 @@ class LabelIndex:
     def _infer_base(ints: list[int], k: int, key: str) -> int:
         """The base under which more of the distinct integer labels name a class; a tie is ambiguous."""
         fits = [sum(base <= n < k + base for n in ints) for base in (0, 1)]
-        if fits[0] == fits[1]:
+        if fits[0] == fits[1] > 0:
             raise ConfigError(
                 f"label_base: the integer labels of {key} ({min(ints)}..{max(ints)}) index the {k} label_names "
                 "either from 0 or from 1; set label_base: 0 or 1"
