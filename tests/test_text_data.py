@@ -382,9 +382,17 @@ def test_config_errors(tmp_path: Path) -> None:
 
 
 def test_read_table_line_numbers_follow_the_file(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", [["a", "b"], ["1", "x"], ["2"], ["3", "z"]])
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,c\n1,x,y\n2\n3,z,z\n\n4,w,w\n5,v,v,v\n\n\n")  # a blank line inside, two at the end
     table = read_table("train_path", path, bad_rows="skip")
-    assert table.column("a") == ["1", "3"] and table.lines == [2, 4]
+    # the blank line is a row of empty fields (the data module then reports an empty text on line 5)
+    assert table.column("a") == ["1", "3", "", "4"] and table.lines == [2, 4, 5, 6]
+    assert "1 instead of 3 fields on line(s) 3; 4 instead of 3 fields on line(s) 7" in table.warnings[0]
+    with pytest.raises(ConfigError, match="t.csv: 2 row"):
+        read_table("train_path", path)
+    path.write_text("\n\n")
+    with pytest.raises(ConfigError, match="train_path: .*t.csv is empty"):
+        read_table("train_path", path)
 
 
 # --- hub datasets (offline: the local Hugging Face cache, a local folder, save_to_disk) ----------------------

@@ -91,7 +91,7 @@ def read_text_bytes(where: str, path: Path, encoding: str) -> bytes:
         raw = stream.read()
     codec_name = encoding.lower().replace("_", "-")
     if codec_name in ("utf-8", "utf8", "utf-8-sig"):
-        with contextlib.suppress(UnicodeDecodeError):  # the common case: validate without a copy
+        with contextlib.suppress(UnicodeDecodeError):  # the common case: valid UTF-8 goes to the parser as is
             raw.decode("utf-8")
             return raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
     try:
@@ -133,10 +133,14 @@ def _read_delimited(
         invalid.append((row.number, row.expected_columns, row.actual_columns))
         return "skip"
 
+    if not data.strip():
+        raise ConfigError(f"{where} is empty")
+    data = data.rstrip(b"\r\n") + b"\n"  # trailing blank lines are no rows; blank lines inside are bad rows
     parse = pa_csv.ParseOptions(
         delimiter="\t" if fmt == "tsv" else ",",
         quote_char=False if fmt == "tsv" else '"',
         newlines_in_values=fmt == "csv",
+        ignore_empty_lines=False,  # so that pyarrow's row numbers are line numbers
         invalid_row_handler=on_invalid,
     )
     # use_threads=False: pyarrow then reports each invalid row's line number (it is None with threads)
@@ -156,8 +160,6 @@ def _read_delimited(
         )
         table = pa_csv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as e:
-        if "Empty CSV file" in str(e):
-            raise ConfigError(f"{where} is empty") from None
         raise ConfigError(f"{where}: cannot parse as {fmt}: {e}") from None
     warnings = []
     if invalid:
@@ -328,7 +330,6 @@ def load_hub_dataset(name: str, config_name: str | None) -> Any:
     except (ConnectionError, FileNotFoundError) as e:
         if local.exists():
             raise ConfigError(f"hf_dataset: cannot read the local dataset folder {name!r}: {e}") from None
-        cache_miss = e
     where = f"not in the local Hugging Face cache ({datasets.config.HF_DATASETS_CACHE})"
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(
@@ -342,7 +343,7 @@ def load_hub_dataset(name: str, config_name: str | None) -> Any:
     except Exception as e:  # noqa: BLE001 - any failure to reach the hub means: cannot download it
         raise ConfigError(
             f"hf_dataset: {name!r} is {where} and the hub is unreachable ({type(e).__name__}: {e}); run once with "
-            f"network access to cache it, or use train_path for local files (cache lookup: {cache_miss})"
+            "network access to cache it, or use train_path for local files"
         ) from None
     try:
         return datasets.load_dataset(name, config_name)
