@@ -20,6 +20,7 @@ from src.data.common import seeded_subset, stratified_split
 from src.data.digits import digits_arrays
 from src.data.tables import read_table
 from src.data.transforms import CenterCrop, RandomHorizontalFlip, Resize
+from src.schema import ConfigError
 from tests.conftest import shared
 
 GREY = Preprocessing(modality="image", image_size=8, channels=1, mean=(0.5,), std=(0.5,))
@@ -342,3 +343,20 @@ def test_hymenoptera() -> None:
     batch = first_batch(dm.val_dataloader())
     assert batch["pixel_values"].shape == (32, 3, 224, 224) and batch["pixel_values"].dtype == torch.float32
     assert -3 < batch["pixel_values"].mean() < 3 and batch["labels"].dtype == torch.long
+
+
+# --- image folders: label names -------------------------------------------------------------------------------
+
+
+def test_image_folder_label_names(tmp_path: Path) -> None:
+    train = image_tree(tmp_path / "train", per_class=2)
+    names = tmp_path / "names.txt"
+    names.write_text("Felis catus\nCanis familiaris\nStrigiformes\n")
+    node = {"name": "image_folder", "train_dir": str(train), "val_dir": str(train), "image_size": 8}
+    with pytest.warns(UserWarning):  # the tree's deliberately broken file
+        dm = build({**node, "label_names": str(names)}, RGB)
+    assert dm.class_names == ["Felis catus", "Canis familiaris", "Strigiformes"]
+    assert dm.label_mapping == {"Felis catus": 0, "Canis familiaris": 1, "Strigiformes": 2}
+    assert sorted(set(all_labels(dm.val_dataloader().dataset))) == [0, 1, 2]
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"label_names: 2 names for the 3 class folders"):
+        build({**node, "label_names": ["cat", "dog"]}, RGB)

@@ -268,22 +268,6 @@ def read_table(
     return _read_delimited(where, data, fmt, header, column_names, bad_rows)
 
 
-def read_label_names(key: str, value: str | list[Any]) -> list[str]:
-    """Class names in index order: a list, or a text file with one name per line (AG News' ``classes.txt``)."""
-    if isinstance(value, str):
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"{key}: no such file {value!r} (a list of names or a file with one name per line)")
-        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    else:
-        names = [str(name) for name in value]
-    if len(names) < 2:
-        raise ValueError(f"{key}: need at least 2 class names, got {names}")
-    if duplicates := sorted({name for name in names if names.count(name) > 1}):
-        raise ValueError(f"{key}: duplicate class name(s) {duplicates}")
-    return names
-
-
 # --- Hugging Face hub datasets ----------------------------------------------------------------------------------
 
 

@@ -29,7 +29,14 @@ from transformers import DataCollatorWithPadding
 
 from src.cache import Cache, file_digest, fingerprint
 from src.data import DATA
-from src.data.common import ClassificationDataModule, DataConfig, check_fraction, check_path, fraction_split
+from src.data.common import (
+    ClassificationDataModule,
+    DataConfig,
+    check_fraction,
+    check_path,
+    fraction_split,
+    read_label_names,
+)
 from src.data.tables import (
     BAD_ROWS,
     FORMATS,
@@ -40,7 +47,6 @@ from src.data.tables import (
     listed,
     load_hub_dataset,
     looks_like_data,
-    read_label_names,
     read_table,
 )
 from src.schema import ConfigError
