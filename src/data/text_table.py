@@ -216,6 +216,7 @@ class Source:
     """Where one split's table comes from: its identity (for the cache key) and how to read it."""
 
     key: str  # the config key that names it, e.g. "val_path"
+    where: str  # how messages name it: "val_path: data/dev.csv", "test_split: ag_news[test]"
     identity: dict[str, Any]
     read: Callable[[], RawTable]
     headerless: bool = False
@@ -365,6 +366,7 @@ class TextTableDataModule(ClassificationDataModule):
                     settings |= {"header": cfg.has_header(), "column_names": cfg.column_names}
                 sources[split] = Source(
                     key,
+                    f"{key}: {path}",
                     {"file": file_digest(path), **settings},
                     lambda key=key, path=path, settings=settings: read_table(key, path, **settings),
                     headerless=delimited and not cfg.has_header(),
@@ -380,6 +382,7 @@ class TextTableDataModule(ClassificationDataModule):
             where = f"{key}: {cfg.hf_dataset}[{name}]"
             sources[split] = Source(
                 key,
+                where,
                 {"hub": cfg.hf_dataset, "config": cfg.hf_config, "split": name, "content": files},
                 lambda where=where, ds=ds: hub_table(where, ds),
             )
@@ -441,11 +444,10 @@ class TextTableDataModule(ClassificationDataModule):
         else:  # class names the source declares (hub ClassLabel): its labels are 0-based indices
             names, base = train["label_names"], 0 if base is None else base
         index = LabelIndex(train["labels"], names, base, sources["train"].key)
-        where = {split: self._where(source) for split, source in sources.items()}
-        rows, labels = self._labels(train, index, where["train"])
+        rows, labels = self._labels(train, index, sources["train"].where)
         if "val" in entries:
             train_idx = np.arange(len(rows))
-            val_rows, val_labels = self._labels(entries["val"], index, where["val"])
+            val_rows, val_labels = self._labels(entries["val"], index, sources["val"].where)
             val = EncodedTexts(entries["val"], val_rows, val_labels)
         else:
             train_idx, val_idx = fraction_split(labels.tolist(), self.cfg.val_fraction, self.seed)
@@ -453,12 +455,6 @@ class TextTableDataModule(ClassificationDataModule):
         train_idx = train_idx[self.train_indices(len(train_idx))]
         splits: dict[str, Dataset] = {"train": EncodedTexts(train, rows[train_idx], labels[train_idx]), "val": val}
         if "test" in entries:
-            test_rows, test_labels = self._labels(entries["test"], index, where["test"])
+            test_rows, test_labels = self._labels(entries["test"], index, sources["test"].where)
             splits["test"] = EncodedTexts(entries["test"], test_rows, test_labels)
         return splits, index.class_names
-
-    def _where(self, source: Source) -> str:
-        value = getattr(self.cfg, source.key)
-        return (
-            f"{source.key}: {value}" if self.cfg.hf_dataset is None else f"{source.key}: {self.cfg.hf_dataset}[{value}]"
-        )
