@@ -160,8 +160,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Builds the splits once, and refuses data that cannot train a classifier before any compute."""
         if self._splits:
             return
-        with blame(f"data ({self.cfg.name})"):
-            splits, class_names = self._build()
+        try:
+            with blame(f"data ({self.cfg.name})"):
+                splits, class_names = self._build()
+        except ConfigError as e:  # readers name their key (train_path: ...); the user knows it as data.<key>
+            raise ConfigError(str(e) if str(e).startswith("data") else f"data.{e}") from e
         if len(class_names) < 2:
             raise ConfigError(
                 f"data ({self.cfg.name}): the training data has {len(class_names)} class(es) {class_names}; "
