@@ -37,7 +37,7 @@ def one_line(exc: BaseException) -> str:
         return STOP.describe()
     if isinstance(exc, KeyboardInterrupt):
         return "Interrupted (Ctrl-C)"
-    text = str(exc).strip() or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the library wrote
     if isinstance(exc, ConfigError):
         return f"Error: {text}"
     return f"Error: {type(exc).__name__}: {text}"

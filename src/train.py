@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
 # Lightning advice that does not apply: short epochs log at epoch level anyway; frozen groups run in eval mode on
-# purpose (the BN policy).
+# purpose (the BN policy); a run on a SLURM login node is meant to run there.
 warnings.filterwarnings("ignore", r".*smaller than the logging interval")
-warnings.filterwarnings("ignore", r".*modules? in eval mode")
+warnings.filterwarnings("ignore", r".*in eval mode at the start of training")
+warnings.filterwarnings("ignore", r".*The `srun` command is available on your system but is not used")
 
 
 def run(

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from src.sweep.config import describe
 from src.sweep.schema import SweepConfig
-from src.sweep.trial import ROLE_TAG, STATE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
+from src.sweep.trial import MLFLOW_RUN_ATTR, ROLE_TAG, STATE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking import MLflowRun
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ class StudyRun(MLflowRun):
             best = study.best_trials
             if len(metrics) == 1:
                 progress["best_value"] = best[0].value
-                self.set_tags({"best_trial": best[0].number, **{f"best.{k}": v for k, v in best[0].params.items()}})
+                run_id = best[0].user_attrs.get(MLFLOW_RUN_ATTR, "")
+                params = {f"best.{k}": v for k, v in best[0].params.items()}
+                self.set_tags({"best_trial": best[0].number, "best_trial_run_id": run_id, **params})
             else:
                 progress["pareto_front_size"] = float(len(best))
         self.log_metrics(progress, step=finished)

@@ -44,7 +44,7 @@ def grid_dimensions(overrides: list[str]) -> tuple[dict[str, str], dict[str, str
     swept, fixed = {}, {}
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.get_key_element()
-        (swept if override.is_sweep_override() else fixed)[key] = override.get_value_element_as_str()
+        (swept if override.is_sweep_override() else fixed)[key] = override.input_line.split("=", 1)[1]
     return swept, fixed
 
 

@@ -32,8 +32,8 @@ def short_value(value: str) -> str:
     if number.is_integer() and "e" not in value.lower() and "." not in value:
         return value
     if number != 0 and (abs(number) < 1e-3 or abs(number) >= 1e4):
-        mantissa, exponent = f"{number:.2g}".split("e")
-        return f"{mantissa}e{int(exponent)}"
+        mantissa, exponent = f"{number:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
     return f"{number:.3g}"
 
 
