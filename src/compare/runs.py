@@ -95,7 +95,7 @@ class RunRecord:
     test: float | None = None  # the test value of the best checkpoint
     trainable_params: float | None = None
     seconds: float | None = None  # wall time of the whole run (build, fit, test)
-    epochs: int | None = None  # validations logged (step = epoch)
+    epochs: int | None = None  # epochs trained, up to the last validation (metrics are logged with step = epoch)
 
     def value(self, key: str) -> str | None:
         """A config value by key: a param (`optim.lr`), else a tag (`finetune`: the option the user picked), else
@@ -233,5 +233,5 @@ def _record(
         history = client.get_metric_history(info.run_id, val_metric)
         values = [m.value for m in history]
         record.val = max(values) if maximize else min(values)
-        record.epochs = len({m.step for m in history})
+        record.epochs = max(m.step for m in history) + 1  # step = epoch: the last validated epoch
     return record
