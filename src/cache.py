@@ -93,8 +93,8 @@ def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, values): its weights' identity."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors (BN step counters) cannot view as bytes
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

@@ -15,7 +15,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from src import build, lr_finder, regularization
+from src import build, features, lr_finder, regularization
 from src.backbones import BACKBONES
 from src.config import ConfigError, RunConfig, validate
 from src.data import DATA
@@ -66,9 +66,10 @@ def run(cfg: RunConfig, raw: DictConfig) -> float | list[float]:
             loss_terms=strategy.loss_terms() + regularizers.loss_terms,
             ce_weight=strategy.ce_weight,
         )
+        cached = features.use_cache(cfg, strategy, module, datamodule, bool(regularizers.batch_transforms), tracker)
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
-        checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks], context)
+        checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks, *cached], context)
         trainer = pl.Trainer(**cfg.trainer, callbacks=[*callbacks, *trial.callbacks()], logger=tracker.logger())
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)

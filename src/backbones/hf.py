@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 from omegaconf import MISSING
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.masking_utils import create_bidirectional_mask
 

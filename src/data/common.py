@@ -7,13 +7,15 @@ the same thing for every dataset, so runs are comparable across data modules.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
+
+from src.cache import path_digest
 
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
     from src.backbones.base import Preprocessing
@@ -99,6 +101,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     """
 
     modality: str  # the Preprocessing.modality this data module can feed
+    LOADER_KNOBS = ("batch_size", "eval_batch_size", "num_workers")  # how samples are batched, not what they are
 
     def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, seed: int) -> None:
         if preprocessing.modality != self.modality:
@@ -128,6 +131,23 @@ class ClassificationDataModule(pl.LightningDataModule):
         per-sample work such as tokenisation).
         """
         raise NotImplementedError
+
+    @property
+    def train_augmented(self) -> bool:
+        """Whether the training split draws random transforms per sample (then its samples differ every epoch)."""
+        return False
+
+    def identity(self) -> dict[str, Any]:
+        """What determines every split's samples, for cache keys: the config without the loader knobs, the content
+        digest of each input file or folder it names (`*_path`, `*_dir`), and the seed (subsets, splits)."""
+        fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.LOADER_KNOBS}
+        files = {k: path_digest(v) for k, v in fields.items() if k.endswith(("_path", "_dir")) and isinstance(v, str)}
+        return {"module": type(self).__name__, "config": fields, "files": files, "seed": self.seed}
+
+    @property
+    def splits(self) -> dict[str, Dataset]:
+        """The datasets by split name (after `setup`); the feature cache replaces or wraps them."""
+        return self._splits
 
     def train_indices(self, n: int) -> np.ndarray:
         """Indices of the seeded ``max_train_samples`` subset of an ``n``-sample training split."""

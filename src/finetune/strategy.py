@@ -47,6 +47,11 @@ class Strategy:
 
     pretrained: bool = True
     ce_weight: float = 1.0  # weight of the cross-entropy term (distillation gives the rest to its KL term)
+    # Whether a layer group outside `trainable_groups` computes exactly its pretrained function, so the feature
+    # cache may store its output (False for LoRA: adapters train inside "frozen" groups).
+    frozen_groups_fixed: bool = True
+    # Whether the strategy reads the frozen backbone's features of the training set (LP-FT's fitted probe).
+    extracts_features: bool = False
 
     def __init__(self, cfg: FinetuneConfig, client: MlflowClient | None = None) -> None:
         self.cfg = cfg
@@ -74,6 +79,11 @@ class Strategy:
 
     def callbacks(self) -> list[pl.Callback]:
         return [FreezeSchedule(self)]
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        """Frozen models whose per-sample outputs the feature cache may precompute, by the batch key they fill
+        (distillation's teacher); none by default."""
+        return {}
 
 
 FINETUNE: Registry[Strategy] = Registry("finetune")
