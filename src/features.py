@@ -115,7 +115,11 @@ def preprocessing_identity(p: Preprocessing) -> dict[str, Any]:
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """A model's weights and the plain settings that change its output without being weights (e.g. pooling)."""
-    settings = {k: v for k, v in vars(model).items() if not k.startswith("_") and isinstance(v, str | int | float)}
+    settings = {
+        k: v
+        for k, v in vars(model).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, str | int | float)
+    }
     return {"class": type(model).__name__, "settings": settings, "weights": state_digest(model)}
 
 
