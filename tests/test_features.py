@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from src.backbones import BACKBONES
+from src.build import hydra_context
 from src.cache import Cache, CacheConfig
 from src.cache import main as cache_main
 from src.config import validate
@@ -21,7 +22,7 @@ from src.data import DATA
 from src.features import CachedSplit, FeatureCache
 from src.finetune import FINETUNE
 from src.module import ClassifierHead, TransferModule
-from src.run import run
+from src.train import run
 from tests.conftest import REPO
 
 DIGITS = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -32,7 +33,7 @@ def run_in_process(tmp: Path, *overrides: str) -> dict[str, float]:
     store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_location={tmp / 'mlruns'}"]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         raw = compose("config", overrides=[*store, "cache.dir=" + str(tmp / "cache"), *overrides])
-    run(validate(raw), raw)
+    run(validate(raw), raw, hydra_context(), None)
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     latest = max(client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id]), key=_start)
     return latest.data.metrics

@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from src.cache import path_digest
+from src.cache import fingerprint, path_digest
+from src.schema import ConfigError, blame
 
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
     from src.backbones.base import Preprocessing
@@ -60,6 +61,22 @@ def check_fraction(field_name: str, value: float) -> None:
         raise ValueError(f"{field_name}: must be in (0, 1), got {value}")
 
 
+def read_label_names(key: str, value: str | list[Any]) -> list[str]:
+    """Class names in index order: a list, or a text file with one name per line (AG News' ``classes.txt``)."""
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{key}: no such file {value!r} (a list of names or a file with one name per line)")
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    else:
+        names = [str(name) for name in value]
+    if len(names) < 2:
+        raise ValueError(f"{key}: need at least 2 class names, got {names}")
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"{key}: duplicate class name(s) {duplicates}")
+    return names
+
+
 def seeded_subset(n: int, k: int | None, seed: int) -> np.ndarray:
     """Sorted indices of ``k`` of ``n`` items drawn with ``seed`` (all of them when ``k`` is None or >= n)."""
     if k is None or k >= n:
@@ -101,7 +118,8 @@ class ClassificationDataModule(pl.LightningDataModule):
     """
 
     modality: str  # the Preprocessing.modality this data module can feed
-    LOADER_KNOBS = ("batch_size", "eval_batch_size", "num_workers")  # how samples are batched, not what they are
+    # How samples are batched and stored, not what they are: left out of `identity`.
+    NOT_SAMPLES = ("batch_size", "eval_batch_size", "num_workers", "cache", "cache_dir")
 
     def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, seed: int) -> None:
         if preprocessing.modality != self.modality:
@@ -138,11 +156,24 @@ class ClassificationDataModule(pl.LightningDataModule):
         return False
 
     def identity(self) -> dict[str, Any]:
-        """What determines every split's samples, for cache keys: the config without the loader knobs, the content
-        digest of each input file or folder it names (`*_path`, `*_dir`), and the seed (subsets, splits)."""
-        fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.LOADER_KNOBS}
-        files = {k: path_digest(v) for k, v in fields.items() if k.endswith(("_path", "_dir")) and isinstance(v, str)}
-        return {"module": type(self).__name__, "config": fields, "files": files, "seed": self.seed}
+        """What determines every split's samples, for cache keys (call after `setup`): the config without loader
+        and cache knobs, the content digest of every file or folder it names, the class names, each split's labels
+        and the seed (subsets, splits)."""
+        fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_SAMPLES}
+        files = {k: path_digest(v) for k, v in fields.items() if isinstance(v, str) and Path(v).exists()}
+        labels = {
+            split: fingerprint([int(y) for y in data.labels])
+            for split, data in self._splits.items()
+            if hasattr(data, "labels")
+        }
+        return {
+            "module": type(self).__name__,
+            "config": fields,
+            "files": files,
+            "classes": self.class_names,
+            "labels": labels,
+            "seed": self.seed,
+        }
 
     @property
     def splits(self) -> dict[str, Dataset]:
@@ -151,12 +182,31 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def train_indices(self, n: int) -> np.ndarray:
         """Indices of the seeded ``max_train_samples`` subset of an ``n``-sample training split."""
+        if self.cfg.max_train_samples is not None and self.cfg.max_train_samples > n:
+            raise ConfigError(
+                f"data.max_train_samples: {self.cfg.max_train_samples} asked, but the training split has only {n} "
+                "examples; lower it or set it to null (all)"
+            )
         return seeded_subset(n, self.cfg.max_train_samples, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
+        """Builds the splits once, and refuses data that cannot train a classifier before any compute."""
         if self._splits:
             return
-        splits, self.class_names = self._build()
+        try:
+            with blame(f"data ({self.cfg.name})"):
+                splits, class_names = self._build()
+        except ConfigError as e:  # readers name their key (train_path: ...); the user knows it as data.<key>
+            raise ConfigError(str(e) if str(e).startswith("data") else f"data.{e}") from e
+        if len(class_names) < 2:
+            raise ConfigError(
+                f"data ({self.cfg.name}): the training data has {len(class_names)} class(es) {class_names}; "
+                "a classifier needs at least 2 (check the label column)"
+            )
+        for split, dataset in splits.items():
+            if len(dataset) == 0:
+                raise ConfigError(f"data ({self.cfg.name}): the {split} split is empty")
+        self.class_names = class_names
         self.label_mapping = {name: i for i, name in enumerate(self.class_names)}
         self._splits = splits
 

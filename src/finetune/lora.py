@@ -114,6 +114,7 @@ class Lora(Strategy):
 
     cfg: LoraFinetuneConfig
     frozen_groups_fixed = False  # adapters train inside every group: nothing to cache
+    trains_backbone = False  # whole groups stay frozen; the adapters inside them train
 
     def prepare(self, backbone: Backbone) -> Backbone:
         targets = self.cfg.target_modules or default_targets(backbone)
