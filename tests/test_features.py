@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from src.backbones import BACKBONES
 from src.build import hydra_context
@@ -33,6 +34,7 @@ def run_in_process(tmp: Path, *overrides: str) -> dict[str, float]:
     store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_location={tmp / 'mlruns'}"]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         raw = compose("config", overrides=[*store, "cache.dir=" + str(tmp / "cache"), *overrides])
+    OmegaConf.resolve(raw)  # as src.train.execute does
     run(validate(raw), raw, hydra_context(), None)
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     latest = max(client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id]), key=_start)
