@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from src.cache import CacheConfig
 from src.optim import OptimConfig
 from src.regularization import RegularizationConfig
 from src.schema import ConfigError, check, check_choice
@@ -77,6 +78,7 @@ FIXED_GROUPS: dict[str, type] = {
     "optim": OptimConfig,
     "regularization": RegularizationConfig,
     "tracking": TrackingConfig,
+    "cache": CacheConfig,
 }
 
 
@@ -93,6 +95,7 @@ class RunConfig:
     regularization: RegularizationConfig
     trainer: dict[str, Any]
     tracking: TrackingConfig
+    cache: CacheConfig
     ckpt_path: str | None
     resume: str | None  # a run id or "last": continue that stopped run (src.tracking.resume)
     extra: dict[str, Any]  # other top-level keys, e.g. a sweep's settings, passed through untouched

@@ -22,6 +22,10 @@ class ClassifierHead(nn.Sequential):
 
 
 Batch = dict[str, torch.Tensor]
+# Batch keys the feature cache (src.features) fills from disk: the output of the backbone's frozen leading layer
+# groups (a tensor, or a dict for text), and a frozen distillation teacher's logits.
+FROZEN = "frozen"
+TEACHER_LOGITS = "teacher_logits"
 BatchTransform = Callable[[Batch], Batch]
 
 
@@ -67,8 +71,20 @@ class TransferModule(pl.LightningModule):
         self.confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
         self.register_buffer("val_predicted", torch.zeros(num_classes, dtype=torch.long), persistent=False)
 
+        # Set by the feature cache: batches may carry what the first `frozen_cut` layer groups output (FROZEN);
+        # `use_frozen` says whether that applies now (False in epochs where those groups train).
+        self.frozen_cut: int | None = None
+        self.use_frozen = False
+
+    def features(self, batch: Batch, use_frozen: bool | None = None) -> torch.Tensor:
+        """The backbone's features: only the layer groups after the cut run when the batch carries the cached
+        output of the frozen ones and it applies (`use_frozen`, default: the module's current setting)."""
+        if FROZEN in batch and (self.use_frozen if use_frozen is None else use_frozen):
+            return self.backbone.forward_from(self.frozen_cut, batch[FROZEN])
+        return self.backbone(batch)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.backbone(batch))
+        return self.head(self.features(batch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         for transform in self.batch_transforms:

@@ -11,7 +11,7 @@ from functools import partial
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from src import build, lr_finder, preflight, regularization
+from src import build, features, lr_finder, preflight, regularization
 from src.config import RunConfig, validate
 from src.data import DATA
 from src.errors import one_clear_answer
@@ -75,10 +75,11 @@ def run(
             loss_terms=strategy.loss_terms() + regularizers.loss_terms,
             ce_weight=strategy.ce_weight,
         )
+        cached = features.use_cache(cfg, strategy, module, datamodule, bool(regularizers.batch_transforms), tracker)
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
         health = HealthCheck(cfg.optim.lr)
-        checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks], context)
+        checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks, *cached], context)
         trainer = pl.Trainer(
             **cfg.trainer, callbacks=[*callbacks, health, STOP, *trial.callbacks()], logger=tracker.logger()
         )

@@ -7,7 +7,7 @@ the same thing for every dataset, so runs are comparable across data modules.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from src.cache import fingerprint, path_digest
 from src.schema import ConfigError, blame
 
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
@@ -117,6 +118,8 @@ class ClassificationDataModule(pl.LightningDataModule):
     """
 
     modality: str  # the Preprocessing.modality this data module can feed
+    # How samples are batched and stored, not what they are: left out of `identity`.
+    NOT_SAMPLES = ("batch_size", "eval_batch_size", "num_workers", "cache", "cache_dir")
 
     def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, seed: int) -> None:
         if preprocessing.modality != self.modality:
@@ -146,6 +149,36 @@ class ClassificationDataModule(pl.LightningDataModule):
         per-sample work such as tokenisation).
         """
         raise NotImplementedError
+
+    @property
+    def train_augmented(self) -> bool:
+        """Whether the training split draws random transforms per sample (then its samples differ every epoch)."""
+        return False
+
+    def identity(self) -> dict[str, Any]:
+        """What determines every split's samples, for cache keys (call after `setup`): the config without loader
+        and cache knobs, the content digest of every file or folder it names, the class names, each split's labels
+        and the seed (subsets, splits)."""
+        fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_SAMPLES}
+        files = {k: path_digest(v) for k, v in fields.items() if isinstance(v, str) and Path(v).exists()}
+        labels = {
+            split: fingerprint([int(y) for y in data.labels])
+            for split, data in self._splits.items()
+            if hasattr(data, "labels")
+        }
+        return {
+            "module": type(self).__name__,
+            "config": fields,
+            "files": files,
+            "classes": self.class_names,
+            "labels": labels,
+            "seed": self.seed,
+        }
+
+    @property
+    def splits(self) -> dict[str, Dataset]:
+        """The datasets by split name (after `setup`); the feature cache replaces or wraps them."""
+        return self._splits
 
     def train_indices(self, n: int) -> np.ndarray:
         """Indices of the seeded ``max_train_samples`` subset of an ``n``-sample training split."""

@@ -142,6 +142,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.mode = "L" if preprocessing.channels == 1 else "RGB"
         self.image_size = cfg.image_size or preprocessing.image_size or DEFAULT_IMAGE_SIZE
 
+    @property
+    def train_augmented(self) -> bool:
+        return self.cfg.hflip
+
     def _dataset(self, files: list[Path], labels: list[int], train: bool) -> ImageFiles:
         transform = image_transform(self.image_size, self.preprocessing, hflip=train and self.cfg.hflip)
         return ImageFiles(files, labels, self.mode, self.image_size, transform)
