@@ -22,6 +22,7 @@ from src.finetune.init import CHECKPOINT_ARTIFACT, load_backbone
 from src.finetune.strategy import Strategy
 from src.module import TransferModule
 from src.schema import blame
+from src.serving import export
 from src.signals import STOP
 from src.tracking import MLflowRun, TrainingStateLogger, flatten, resume
 from src.tracking.mlflow_run import git_commit, unique_name
@@ -147,8 +148,11 @@ def callbacks(
     return checkpoint, out
 
 
-def log_results(tracker: MLflowRun, cfg: RunConfig, module: TransferModule, datamodule: pl.LightningDataModule) -> None:
-    """After test (best weights loaded): confusion matrix, label mapping and the weights-only checkpoint."""
+def log_results(
+    tracker: MLflowRun, cfg: RunConfig, raw: DictConfig, module: TransferModule, datamodule: pl.LightningDataModule
+) -> None:
+    """After test (best weights loaded): confusion matrix, label mapping, the weights-only checkpoint and the
+    loadable, servable model (src.serving)."""
     matrix = module.confusion.compute().cpu().numpy()
     tracker.log_figure(confusion_matrix_figure(matrix, datamodule.class_names), "confusion_matrix.png")
     tracker.log_dict(datamodule.label_mapping, "label_mapping.json")
@@ -157,6 +161,8 @@ def log_results(tracker: MLflowRun, cfg: RunConfig, module: TransferModule, data
             path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
             torch.save({"state_dict": module.state_dict(), "class_names": datamodule.class_names}, path)
             tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
+    if cfg.tracking.log_model:
+        export.log_model(tracker, raw, module, datamodule, cfg.tracking.register_model)
 
 
 def objective_value(

@@ -85,7 +85,7 @@ def run(
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else cfg.ckpt_path)
         tracker.set_tags(health.tags())
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
-        build.log_results(tracker, cfg, module, datamodule)
+        build.log_results(tracker, cfg, raw, module, datamodule)
         return trial.complete(build.objective_value(cfg, trainer, checkpoint, tracker))
 
 
