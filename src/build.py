@@ -149,10 +149,15 @@ def callbacks(
 
 
 def log_results(
-    tracker: MLflowRun, cfg: RunConfig, raw: DictConfig, module: TransferModule, datamodule: pl.LightningDataModule
+    tracker: MLflowRun,
+    cfg: RunConfig,
+    raw: DictConfig,
+    module: TransferModule,
+    datamodule: pl.LightningDataModule,
+    log_model: bool = True,
 ) -> None:
-    """After test (best weights loaded): confusion matrix, label mapping, the weights-only checkpoint and the
-    loadable, servable model (src.serving)."""
+    """After test (best weights loaded): confusion matrix, label mapping, the weights-only checkpoint and (unless
+    `log_model` is false: a sweep trial that is not the best so far) the loadable, servable model (src.serving)."""
     matrix = module.confusion.compute().cpu().numpy()
     tracker.log_figure(confusion_matrix_figure(matrix, datamodule.class_names), "confusion_matrix.png")
     tracker.log_dict(datamodule.label_mapping, "label_mapping.json")
@@ -161,7 +166,7 @@ def log_results(
             path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
             torch.save({"state_dict": module.state_dict(), "class_names": datamodule.class_names}, path)
             tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
-    if cfg.tracking.log_model:
+    if cfg.tracking.log_model and log_model:
         export.log_model(tracker, raw, module, datamodule, cfg.tracking.register_model)
 
 

@@ -85,8 +85,9 @@ def run(
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else cfg.ckpt_path)
         tracker.set_tags(health.tags())
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
-        build.log_results(tracker, cfg, raw, module, datamodule)
-        return trial.complete(build.objective_value(cfg, trainer, checkpoint, tracker))
+        value = build.objective_value(cfg, trainer, checkpoint, tracker)
+        build.log_results(tracker, cfg, raw, module, datamodule, log_model=trial.keeps_model(value))
+        return trial.complete(value)
 
 
 def execute(raw: DictConfig, context: build.HydraContext) -> float | list[float]:

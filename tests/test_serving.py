@@ -16,16 +16,19 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from src import evaluate, predict
 from src.backbones.base import Preprocessing
+from src.config import Objective, SecondaryObjective
 from src.data import DATA
 from src.schema import ConfigError
 from src.serving.export import _png_base64
 from src.serving.model import Classifier
+from src.sweep.trial import JobTrial
 from tests.conftest import REPO
 from tests.test_failures import run_in_process
 from tests.test_text_run import write_table
@@ -194,6 +197,20 @@ def test_minilm_model_predicts_raw_sentences_offline(tmp_path: Path, monkeypatch
     assert values["test/loss"] == pytest.approx(run.data.metrics["test/loss"], rel=1e-3)
     classifier = model.unwrap_python_model().classifier
     assert isinstance(classifier, Classifier) and classifier.spec.backbone["name"] == "minilm"
+
+
+def test_a_sweep_trial_keeps_its_model_only_while_it_is_the_best_so_far() -> None:
+    single = JobTrial(None, Objective())
+    assert single.keeps_model(0.1), "outside sweeps every run keeps its model"
+    study = optuna.create_study(direction="maximize")
+    for value in (0.8, 0.9):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    single.study = study
+    assert [single.keeps_model(v) for v in (0.85, 0.9, 0.95)] == [False, True, True]
+    pareto = JobTrial(None, Objective(secondary=[SecondaryObjective("trainable_params")]))  # max acc, min params
+    pareto.study = optuna.create_study(directions=["maximize", "minimize"])
+    pareto.study.add_trial(optuna.trial.create_trial(values=[0.9, 100]))
+    assert [pareto.keeps_model(v) for v in ([0.85, 50], [0.85, 200], [0.95, 200])] == [True, False, True]
 
 
 def free_port() -> int:
