@@ -157,7 +157,10 @@ def main(argv: list[str]) -> dict[str, float]:
 
     client = tracking_client(args)
     classifier, run_id = load_classifier(require(args, "run"), client, args.get("checkpoint"))
-    batch_size = int(args.get("batch_size", 64))
+    batch_size = args.get("batch_size", "64")
+    if not batch_size.isdigit() or int(batch_size) < 1:
+        raise ConfigError(f"batch_size: must be a positive integer; got {batch_size!r}")
+    batch_size = int(batch_size)
     source, overrides = args.get("data"), {k: v for k, v in args.items() if k.startswith("data.")}
     if source is not None and Path(source).expanduser().exists():
         if overrides:

@@ -228,7 +228,13 @@ def test_mlflow_models_serve_answers_invocations(digits_run: tuple[Path, str]) -
         [str(mlflow_cli), "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local"]
         + ["-h", "127.0.0.1", "-p", str(port)],
         cwd=cwd,
-        env={**os.environ, "MLFLOW_TRACKING_URI": store(cwd), "PYTHONPATH": str(REPO)},
+        # MLflow starts `uvicorn` from PATH: the venv's bin, as when the venv is activated.
+        env={
+            **os.environ,
+            "MLFLOW_TRACKING_URI": store(cwd),
+            "PYTHONPATH": str(REPO),
+            "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ['PATH']}",
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -256,5 +262,6 @@ def test_mlflow_models_serve_answers_invocations(digits_run: tuple[Path, str]) -
             p["label"] in list("56789") and abs(sum(p[f"prob_{d}"] for d in "56789") - 1) < 1e-5 for p in predictions
         )
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)

@@ -37,6 +37,9 @@ from src.serving.model import (
 )
 
 log = logging.getLogger(__name__)
+# MLflow warns that a Python object is pickled: ours pickles by reference to `src.serving.model`, shipped with the
+# model as code, so there is nothing for a user to act on.
+logging.getLogger("mlflow.pyfunc").addFilter(lambda r: "serialized using CloudPickle" not in r.getMessage())
 
 MODEL_NAME = "model"  # runs:/<run id>/model
 N_EXAMPLES = 2
