@@ -151,8 +151,7 @@ def evaluate(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]], class_names: li
 def main(argv: list[str]) -> dict[str, float]:
     args = parse(argv, KEYS, USAGE, prefixes=("data.",))
     from src.config import TrackingConfig
-    from src.tracking import MLflowRun
-    from src.tracking.mlflow_run import unique_name
+    from src.tracking import MLflowRun, naming
     from src.tracking.plots import confusion_matrix_figure
 
     client = tracking_client(args)
@@ -178,7 +177,7 @@ def main(argv: list[str]) -> dict[str, float]:
     )
     tags = {"source_run_id": run_id} if run_id else {}
     stem = Path(source).stem if source else "test"
-    name = unique_name(f"eval-{stem}-{source_run.info.run_name if source_run else 'model'}")
+    name = naming.SEP.join(["eval", stem, source_run.info.run_name if source_run else "model"])
     with MLflowRun(TrackingConfig(uri=client.tracking_uri, experiment=experiment), Path.cwd(), name, tags) as run:
         run.log_params({"eval.run": args["run"], "eval.data": described, "eval.examples": str(count)})
         run.log_metrics(values)
