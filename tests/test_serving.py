@@ -29,7 +29,7 @@ from src.schema import ConfigError
 from src.serving.export import _png_base64
 from src.serving.model import Classifier
 from src.sweep.trial import JobTrial
-from tests.conftest import REPO
+from tests.conftest import REPO, shared
 from tests.test_failures import run_in_process
 from tests.test_text_run import write_table
 
@@ -197,6 +197,20 @@ def test_minilm_model_predicts_raw_sentences_offline(tmp_path: Path, monkeypatch
     assert values["test/loss"] == pytest.approx(run.data.metrics["test/loss"], rel=1e-3)
     classifier = model.unwrap_python_model().classifier
     assert isinstance(classifier, Classifier) and classifier.spec.backbone["name"] == "minilm"
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_sst2_test_file_matches_trainer_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acceptance check: MiniLM on 512 SST-2 sentences, then `src.evaluate` on the labelled test file."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sst2 = shared("sst2")
+    paths = [f"data.{k}_path={sst2 / f}" for k, f in (("train", "train.tsv"), ("val", "dev.tsv"), ("test", "test.tsv"))]
+    overrides = ["experiment=sst2_minilm", *paths, "data.max_train_samples=512", "trainer.enable_progress_bar=false"]
+    assert run_in_process(tmp_path, *overrides) == 0
+    run = finished_run(tmp_path)
+    values = in_dir(tmp_path, evaluate.main, [f"run={run.info.run_id}", f"data={sst2 / 'test.tsv'}"])
+    assert values["test/acc"] == pytest.approx(run.data.metrics["test/acc"], abs=1e-6)  # 1 sentence = 5.5e-4
+    assert values["test/auroc"] == pytest.approx(run.data.metrics["test/auroc"], abs=1e-6)
 
 
 def test_a_sweep_trial_keeps_its_model_only_while_it_is_the_best_so_far() -> None:
