@@ -111,6 +111,10 @@ def test_evaluate_on_the_runs_test_split_matches_trainer_test(digits_run: tuple[
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(new.info.run_id)}
     printed = capsys.readouterr().out
     assert f"test/acc={values['test/acc']:.4f}" in printed and new.info.run_id in printed
+    # A checkpoint in the run's output folder: that run's model with the checkpoint's weights (here the same ones).
+    checkpoint = cwd / "outputs" / "run" / "checkpoints" / "best.ckpt"
+    again = in_dir(cwd, evaluate.main, [f"run={checkpoint}", f"tracking.uri={store(cwd)}"])
+    assert again["test/acc"] == pytest.approx(values["test/acc"], abs=1e-6)
 
 
 def test_evaluate_on_an_image_folder_and_predict_from_the_registry(digits_run: tuple[Path, str]) -> None:
