@@ -125,7 +125,8 @@ def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
 
 
 def log_dataset(tracker: MLflowRun, datamodule: ClassificationDataModule, name: str) -> None:
-    """The data as an MLflow dataset input (the Dataset column): its name, source, a content digest and sizes."""
+    """The data as an MLflow dataset input (the Dataset column): its name, source, a content digest and sizes;
+    and what its cache saved (`cache/<namespace>/*`)."""
     cfg = datamodule.cfg
     source = next((str(getattr(cfg, k)) for k in ("train_path", "train_dir") if getattr(cfg, k, None)), cfg.name)
     path = Path(source)
@@ -141,6 +142,9 @@ def log_dataset(tracker: MLflowRun, datamodule: ClassificationDataModule, name: 
     profile = {"num_classes": datamodule.num_classes, **{f"num_{k}": v for k, v in sizes.items()}}
     dataset = Dataset(name, digest[:16], "local" if path.exists() else "builtin", source, profile=json.dumps(profile))
     tracker.client.log_inputs(tracker.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+    cache = getattr(datamodule, "cache", None)  # the read-and-tokenise cache of tables (src.data.text_table)
+    if cache is not None:
+        tracker.log_metrics(cache.stats.as_metrics(cache.namespace))
 
 
 def start(tracker: MLflowRun, raw: DictConfig, context: HydraContext, resumed: bool) -> None:

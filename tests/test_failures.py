@@ -144,9 +144,12 @@ def minilm_preprocessing():
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"", "data (text_table): "),
-        (b"sentence\tlabel\n", "data (text_table): "),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", "data (text_table): "),
+        (b"", "data.train_path: .* is empty"),
+        (b"sentence\tlabel\n", "data.train_path: .*no usable rows"),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary",
+            "data.train_path: .* not valid utf-8: .* byte offset 0",
+        ),
         (b"sentence\tlabel\ngood\t1\nfine\t1\nnice\t1\n", "needs at least 2"),
     ],
     ids=["empty", "header_only", "binary", "one_class"],
@@ -155,7 +158,7 @@ def test_bad_data_files_are_config_errors(tmp_path: Path, minilm_preprocessing, 
     path = tmp_path / "train.tsv"
     path.write_bytes(content)
     dm = DATA.build({"name": "text_table", "train_path": str(path)}, preprocessing=minilm_preprocessing, seed=0)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=message):
         dm.setup("fit")
 
 
