@@ -48,6 +48,7 @@ KEYS = {
     "tracking.experiment": "experiment of the new run (default: the source run's)",
 }
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+TEST_KEYS = {"text_table": "test_path", "image_folder": "test_dir"}  # data modules that read a test file/folder
 
 
 def _stored_config(client: MlflowClient, run_id: str | None) -> DictConfig:
@@ -91,6 +92,22 @@ def _data_config(option: str | None, overrides: dict[str, str], client: MlflowCl
     with blame("data"):
         DATA.config(node)  # validated before any data is read
     return node, seed
+
+
+def _test_key(source: str, client: MlflowClient, run_id: str | None) -> str | None:
+    """The key of the run's data config that takes `source` as its test split (`test_path` of a table, `test_dir`
+    of an image folder), so a new file is read exactly as the run read its own: columns, label names, cleaning,
+    tokenisation. None when the run's data module does not read files (digits, a hub dataset)."""
+    if run_id is None:
+        return None
+    try:
+        data = _stored_config(client, run_id).data
+    except ConfigError:
+        return None
+    key = TEST_KEYS.get(data.get("name"))
+    if key is None or data.get("hf_dataset") is not None:
+        return None
+    return key if Path(source).expanduser().is_dir() == (key == "test_dir") else None
 
 
 def _from_config(classifier: Classifier, node, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -161,10 +178,21 @@ def main(argv: list[str]) -> dict[str, float]:
         raise ConfigError(f"batch_size: must be a positive integer; got {batch_size!r}")
     batch_size = int(batch_size)
     source, overrides = args.get("data"), {k: v for k, v in args.items() if k.startswith("data.")}
+    label_column = args.get("label_column")
+    key = None
     if source is not None and Path(source).expanduser().exists():
-        if overrides:
-            raise ConfigError(f"{next(iter(overrides))}: overrides apply to a data config, not to the file {source}")
-        pairs, described = _from_table(classifier, source, args.get("label_column"), batch_size), source
+        key = _test_key(source, client, run_id)
+        if key is None and overrides:
+            raise ConfigError(f"{next(iter(overrides))}: the run's data config does not read {source}; drop it")
+    if key is not None:  # the run's own data module, reading `source` as its test split
+        given = {f"data.{key}": str(Path(source).expanduser().resolve())}
+        if label_column and key == "test_path":
+            given["data.label_column"] = label_column
+        node, seed = _data_config(None, {**given, **overrides}, client, run_id)
+        pairs = _from_config(classifier, node, seed)
+        described = " ".join([source, *(f"{k}={v}" for k, v in overrides.items())])
+    elif source is not None and Path(source).expanduser().exists():
+        pairs, described = _from_table(classifier, source, label_column, batch_size), source
     else:
         node, seed = _data_config(source, overrides, client, run_id)
         pairs = _from_config(classifier, node, seed)

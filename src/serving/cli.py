@@ -148,7 +148,7 @@ def read_inputs(source: str, classifier: Classifier, label_column: str | None = 
     import pandas as pd
 
     from src.data.image_folder import scan_folder
-    from src.data.text_table import FORMAT_BY_EXTENSION, read_table
+    from src.data.tables import read_table
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -162,14 +162,8 @@ def read_inputs(source: str, classifier: Classifier, label_column: str | None = 
         return pd.DataFrame({"image": files})
     if not path.is_file():
         raise ConfigError(f"{source}: no such file or folder (relative paths resolve against {Path.cwd()})")
-    fmt = FORMAT_BY_EXTENSION.get(path.suffix.lower())
-    if fmt is None:
-        raise ConfigError(f"{source}: unknown table format; use one of {', '.join(FORMAT_BY_EXTENSION)}")
-    try:
-        rows, columns = read_table(path, fmt)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{source}: cannot read the table: {e}") from None
-    frame = pd.DataFrame(rows, columns=columns)
+    raw = read_table("input", path)
+    frame = pd.DataFrame({name: raw.column(name) for name in raw.columns})
     classifier.check_columns(frame)
     return frame
 

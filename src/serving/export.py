@@ -23,7 +23,7 @@ from PIL import Image
 import src
 from src.backbones.hf import HFBackbone
 from src.data.common import ClassificationDataModule
-from src.data.text_table import read_table
+from src.data.tables import read_table
 from src.module import TransferModule
 from src.serving.model import (
     IMAGE_COLUMN,
@@ -50,7 +50,7 @@ def input_spec(datamodule: ClassificationDataModule) -> InputSpec:
     p = datamodule.preprocessing
     if p.modality == "text":
         c = datamodule.cfg
-        return InputSpec("text", c.text_column, c.text_pair_column, c.max_length, c.lowercase)
+        return InputSpec("text", c.text_columns(), c.text_separator, c.text_pair_column, c.max_length, c.lowercase)
     size = getattr(datamodule, "image_size", None) or p.image_size
     return InputSpec("image", image_size=size, channels=p.channels, mean=list(p.mean), std=list(p.std))
 
@@ -63,13 +63,18 @@ def _png_base64(pixels: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def examples(datamodule: ClassificationDataModule, spec: InputSpec) -> pd.DataFrame:
+def examples(datamodule: ClassificationDataModule, spec: InputSpec) -> pd.DataFrame | None:
     """A few raw validation inputs: texts from the table, or images (files or in-memory) as base64."""
     if spec.modality == "text":
         c = datamodule.cfg
         key = "val_path" if c.val_path else "train_path"
-        rows, _ = read_table(Path(getattr(c, key)), c.format_of(key))
-        return pd.DataFrame([{col: str(row[col]).strip() for col in spec.columns} for row in rows[:N_EXAMPLES]])
+        if getattr(c, key) is None:  # a Hugging Face dataset: the signature alone documents the input
+            return None
+        header = c.header if c.header is not None else c.column_names is None
+        raw = read_table(
+            key, getattr(c, key), c.format, header=header, column_names=c.column_names, encoding=c.encoding
+        )
+        return pd.DataFrame({col: [str(v) for v in raw.column(col)[:N_EXAMPLES]] for col in spec.columns})
     dataset = datamodule.val_dataloader().dataset
     if hasattr(dataset, "files"):
         images = [base64.b64encode(Path(f).read_bytes()).decode() for f in dataset.files[:N_EXAMPLES]]

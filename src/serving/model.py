@@ -37,7 +37,8 @@ class InputSpec:
     """How raw inputs become a batch, mirroring the data module the run trained on."""
 
     modality: str  # text | image
-    text_column: str | None = None
+    text_columns: list[str] = field(default_factory=list)  # joined with text_separator, as in training
+    text_separator: str = " "
     text_pair_column: str | None = None
     max_length: int | None = None
     lowercase: bool = False
@@ -50,7 +51,7 @@ class InputSpec:
     def columns(self) -> list[str]:
         if self.modality == "image":
             return [IMAGE_COLUMN]
-        return [c for c in (self.text_column, self.text_pair_column) if c is not None]
+        return [*self.text_columns, *([self.text_pair_column] if self.text_pair_column else [])]
 
 
 @dataclass
@@ -132,16 +133,17 @@ class Classifier:
     def _text_batch(self, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
         s = self.spec.input
 
-        def clean(column: str) -> list[str]:
-            texts = [str(t).strip() for t in rows[column]]
-            return [t.lower() for t in texts] if s.lowercase else texts
+        def texts(columns: list[str]) -> list[str]:
+            """Stripped non-empty parts joined with the separator, then lowercased: as `text_table` does."""
+            parts = [["" if v is None else str(v).strip() for v in rows[c]] for c in columns]
+            joined = [s.text_separator.join(p for p in row if p) for row in zip(*parts, strict=True)]
+            return [t.lower() for t in joined] if s.lowercase else joined
 
-        pairs = clean(s.text_pair_column) if s.text_pair_column else None
-        return dict(
-            self.tokenizer(
-                clean(s.text_column), pairs, truncation=True, max_length=s.max_length, padding=True, return_tensors="pt"
-            )
+        pairs = texts([s.text_pair_column]) if s.text_pair_column else None
+        encoded = self.tokenizer(
+            texts(s.text_columns), pairs, truncation=True, max_length=s.max_length, padding=True, return_tensors="pt"
         )
+        return dict(encoded)
 
     def _image_batch(self, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
         from src.backbones.base import Preprocessing
