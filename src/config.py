@@ -71,6 +71,14 @@ class TrackingConfig:
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     log_checkpoint: bool = True
+    log_model: bool = True  # log the tested weights as an MLflow pyfunc model `model` (src.serving)
+    register_model: str | None = None  # also register that model in the Model Registry under this name
+
+    def __post_init__(self) -> None:
+        check(
+            self.register_model is None or self.log_model,
+            "register_model: needs log_model=true (only a logged model can be registered)",
+        )
 
 
 FIXED_GROUPS: dict[str, type] = {

@@ -86,8 +86,9 @@ def run(
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else cfg.ckpt_path)
         tracker.set_tags(health.tags())
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
-        build.log_results(tracker, cfg, module, datamodule, context)
-        value = trial.complete(build.objective_value(cfg, trainer, checkpoint, tracker))
+        value = build.objective_value(cfg, trainer, checkpoint, tracker)
+        build.log_results(tracker, cfg, raw, module, datamodule, context, log_model=trial.keeps_model(value))
+        value = trial.complete(value)
     print(run_summary(tracker.client.get_run(tracker.run_id), cfg.objective.metric, tracker.uri), flush=True)
     return value
 
