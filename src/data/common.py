@@ -31,6 +31,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # None: same as batch_size
     num_workers: int = 0
     max_train_samples: int | None = None  # seeded random subset of the training split (seed = run seed)
+    max_train_per_class: int | None = None  # seeded per-class cap on the training split (learning curves)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -41,6 +42,8 @@ class DataConfig:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples: must be >= 1 or null, got {self.max_train_samples}")
+        if self.max_train_per_class is not None and self.max_train_per_class < 1:
+            raise ValueError(f"max_train_per_class: must be >= 1 or null, got {self.max_train_per_class}")
 
 
 def check_path(key: str, path: str | None, directory: bool = False) -> None:
@@ -180,14 +183,20 @@ class ClassificationDataModule(pl.LightningDataModule):
         """The datasets by split name (after `setup`); the feature cache replaces or wraps them."""
         return self._splits
 
-    def train_indices(self, n: int) -> np.ndarray:
-        """Indices of the seeded ``max_train_samples`` subset of an ``n``-sample training split."""
+    def train_indices(self, labels: Sequence[Hashable]) -> np.ndarray:
+        """Indices into a training split (given by its labels) of its seeded subset: at most
+        ``max_train_per_class`` examples of each class, then ``max_train_samples`` in all."""
+        keep = np.arange(len(labels))
+        if self.cfg.max_train_per_class is not None:
+            cap = self.cfg.max_train_per_class
+            keep = stratified_split(labels, lambda n: [min(cap, n)], self.seed)[0]
+        n = len(keep)
         if self.cfg.max_train_samples is not None and self.cfg.max_train_samples > n:
             raise ConfigError(
                 f"data.max_train_samples: {self.cfg.max_train_samples} asked, but the training split has only {n} "
                 "examples; lower it or set it to null (all)"
             )
-        return seeded_subset(n, self.cfg.max_train_samples, self.seed)
+        return keep[seeded_subset(n, self.cfg.max_train_samples, self.seed)]
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the splits once, and refuses data that cannot train a classifier before any compute."""

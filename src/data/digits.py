@@ -95,7 +95,7 @@ class DigitsDataModule(ClassificationDataModule):
         train, val, test = stratified_split(
             labels.tolist(), lambda n: [self.cfg.labels_per_class, self.cfg.val_per_class], self.seed
         )
-        train = train[self.train_indices(len(train))]
+        train = train[self.train_indices(labels[train].tolist())]
         transform = digits_transform(self.preprocessing)
         splits = {
             split: TransformedImages(images[idx], labels[idx], transform)

@@ -170,7 +170,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         else:
             train_idx = np.arange(len(files))
             val = self._dataset(*self._scan("val_dir", class_names), train=False)
-        train_idx = train_idx[self.train_indices(len(train_idx))]
+        train_idx = train_idx[self.train_indices(labels[train_idx].tolist())]
         splits: dict[str, Dataset] = {
             "train": self._dataset([files[i] for i in train_idx], labels[train_idx].tolist(), train=True),
             "val": val,

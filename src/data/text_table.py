@@ -452,7 +452,7 @@ class TextTableDataModule(ClassificationDataModule):
         else:
             train_idx, val_idx = fraction_split(labels.tolist(), self.cfg.val_fraction, self.seed)
             val = EncodedTexts(train, rows[val_idx], labels[val_idx])
-        train_idx = train_idx[self.train_indices(len(train_idx))]
+        train_idx = train_idx[self.train_indices(labels[train_idx].tolist())]
         splits: dict[str, Dataset] = {"train": EncodedTexts(train, rows[train_idx], labels[train_idx]), "val": val}
         if "test" in entries:
             test_rows, test_labels = self._labels(entries["test"], index, sources["test"].where)
