@@ -89,6 +89,7 @@ class RunConfig:
     data: Any
     backbone: Any
     finetune: Any
+    adapt: Any
     optim: OptimConfig
     regularization: RegularizationConfig
     trainer: dict[str, Any]
@@ -121,11 +122,12 @@ def _trainer_kwargs(node: DictConfig) -> dict[str, Any]:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Parse every group into its schema; raise `ConfigError` naming the first bad key."""
+    from src.adapt import ADAPT, check_compatible
     from src.backbones import BACKBONES
     from src.data import DATA
     from src.finetune import FINETUNE
 
-    registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE}
+    registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
     for key in [*registries, *FIXED_GROUPS, "trainer"]:
         if key not in cfg:
             raise ConfigError(f"{key}: missing config group")
@@ -138,6 +140,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         parsed[key] = _parse(
             key, lambda s=schema, k=key: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(s), cfg[k]))
         )
+    _parse("adapt", lambda: check_compatible(parsed["adapt"], parsed["data"], parsed["finetune"]))
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")

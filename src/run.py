@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from src import build, lr_finder, regularization
+from src.adapt import ADAPT, TargetEvaluation
 from src.backbones import BACKBONES
 from src.config import ConfigError, RunConfig, validate
 from src.data import DATA
@@ -49,6 +50,8 @@ def run(cfg: RunConfig, raw: DictConfig) -> float | list[float]:
         backbone = strategy.prepare(backbone)
         datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed)
         datamodule.setup("fit")
+        adapter = ADAPT.build(raw.adapt, feature_dim=backbone.feature_dim, num_classes=datamodule.num_classes)
+        datamodule.target_role = adapter.target_role
         regularizers = regularization.build(cfg.regularization, backbone, datamodule.num_classes)
         head = ClassifierHead(backbone.feature_dim, datamodule.num_classes, cfg.regularization.head_dropout)
         module = TransferModule(
@@ -63,12 +66,16 @@ def run(cfg: RunConfig, raw: DictConfig) -> float | list[float]:
             ),
             label_smoothing=cfg.regularization.label_smoothing,
             batch_transforms=regularizers.batch_transforms,
-            loss_terms=strategy.loss_terms() + regularizers.loss_terms,
+            loss_terms=strategy.loss_terms() + regularizers.loss_terms + adapter.loss_terms(),
             ce_weight=strategy.ce_weight,
+            aux_modules=adapter.modules(),
         )
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
-        checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks], context)
+        extra = [*strategy.callbacks(), *regularizers.callbacks]
+        if datamodule.has_target:
+            extra.append(TargetEvaluation(datamodule, cfg.objective.metric, cfg.objective.direction == "maximize"))
+        checkpoint, callbacks = build.callbacks(cfg, extra, context)
         trainer = pl.Trainer(**cfg.trainer, callbacks=[*callbacks, *trial.callbacks()], logger=tracker.logger())
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)

@@ -47,6 +47,7 @@ class Strategy:
 
     pretrained: bool = True
     ce_weight: float = 1.0  # weight of the cross-entropy term (distillation gives the rest to its KL term)
+    trains_backbone: bool = True  # whether backbone features ever train (feature-aligning adaptation needs it)
 
     def __init__(self, cfg: FinetuneConfig, client: MlflowClient | None = None) -> None:
         self.cfg = cfg
