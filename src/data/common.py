@@ -206,7 +206,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.target_role != "eval" and not self.has_target:
             raise ValueError(f"data '{self.cfg.name}': target_role={self.target_role!r} needs a target domain")
         if self.target_role == "oracle":
-            return self._loader(self._split("target_train"), train=True)
+            target = self._split("target_train")
+            if "labels" not in target[0]:
+                raise ValueError(f"data '{self.cfg.name}': adapt=oracle trains on target labels, the target has none")
+            return self._loader(target, train=True)
         source = self._loader(self._split("train"), train=True)
         if self.target_role == "eval":
             return source
