@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # no runtime import: src.backbones imports this module (small
 DIGITS_SIZE = 8
 # Built-in target domains for domain adaptation: the same digits, shifted.
 TARGET_SHIFTS = ("invert", "rotate", "noise")
-ROTATION_DEGREES = 45.0
+ROTATION_DEGREES = 30.0
 NOISE_STD = 0.35
 
 
