@@ -140,7 +140,8 @@ def validate(cfg: DictConfig) -> RunConfig:
         parsed[key] = _parse(
             key, lambda s=schema, k=key: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(s), cfg[k]))
         )
-    _parse("adapt", lambda: check_compatible(parsed["adapt"], parsed["data"], parsed["finetune"]))
+    monitor = parsed["objective"].metric
+    _parse("adapt", lambda: check_compatible(parsed["adapt"], parsed["data"], parsed["finetune"], monitor))
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")

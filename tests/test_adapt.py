@@ -204,6 +204,7 @@ def test_selection_report_picks_each_criteria_epoch() -> None:
     [
         (["adapt=dann"], r"^adapt: adapt=dann needs a target domain, but data 'digits' has none"),
         (["adapt=coral", "data.target_shift=invert", "finetune=linear_probe"], r"^adapt: adapt=coral aligns backbone"),
+        (["objective.metric=val/target_snd"], r"^adapt: objective.metric=val/target_snd is a target-domain score"),
         (["data.target_shift=blur"], r"^data\.target_shift: must be one of invert, rotate, noise"),
         (["adapt=dann", "data.target_shift=invert", "adapt.weight=-1"], r"^adapt\.weight: must be >= 0"),
         (["adapt=mcc", "data.target_shift=invert", "+adapt.hidden=3"], r"^adapt\.hidden"),

@@ -72,11 +72,15 @@ class Adapter:
 ADAPT: Registry[Adapter] = Registry("adapt")
 
 
-def check_compatible(adapt: Any, data: Any, finetune: Any) -> None:
-    """Cross-group checks before any compute: adaptation needs a target domain, and feature alignment needs
-    backbone features that train."""
+def check_compatible(adapt: Any, data: Any, finetune: Any, monitor: str) -> None:
+    """Cross-group checks before any compute: adaptation and the target scores need a target domain, and feature
+    alignment needs backbone features that train."""
     from src.finetune import FINETUNE
 
+    if monitor.startswith("val/target_") and not data.has_target:
+        raise ValueError(
+            f"objective.metric={monitor} is a target-domain score, but data '{data.name}' has no target domain"
+        )
     if adapt.name == "none":
         return
     if not data.has_target:
