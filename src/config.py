@@ -99,6 +99,7 @@ class RunConfig:
     data: Any
     backbone: Any
     finetune: Any
+    adapt: Any
     optim: OptimConfig
     regularization: RegularizationConfig
     trainer: dict[str, Any]
@@ -133,11 +134,12 @@ def _trainer_kwargs(node: DictConfig) -> dict[str, Any]:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Parse every group into its schema; raise `ConfigError` naming the first bad key."""
+    from src.adapt import ADAPT, check_compatible
     from src.backbones import BACKBONES
     from src.data import DATA
     from src.finetune import FINETUNE
 
-    registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE}
+    registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
     # Defaults that refer to other keys (optim.lr: ${finetune.lr}) are checked as the values they resolve to.
     cfg = _parse("config", lambda c=cfg: OmegaConf.create(OmegaConf.to_container(c, resolve=True)))
     for key in [*registries, *FIXED_GROUPS, "trainer"]:
@@ -152,6 +154,8 @@ def validate(cfg: DictConfig) -> RunConfig:
         parsed[key] = _parse(
             key, lambda s=schema, k=key: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(s), cfg[k]))
         )
+    monitor = parsed["objective"].metric
+    _parse("adapt", lambda: check_compatible(parsed["adapt"], parsed["data"], parsed["finetune"], monitor))
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")

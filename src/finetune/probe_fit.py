@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from src.data.common import source_loader
+
 
 def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features and labels of the training batches an epoch sees (this rank's shard; `limit_train_batches`
@@ -25,7 +27,7 @@ def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
     features, labels = [], []
     n = trainer.num_training_batches
     total = int(n) if math.isfinite(n) else None
-    batches = islice(trainer.train_dataloader, total)  # total None: the whole loader
+    batches = islice(source_loader(trainer.train_dataloader), total)  # total None: the whole loader
     quiet = trainer.progress_bar_callback is None or not trainer.is_global_zero
     with torch.no_grad():
         for batch in tqdm(batches, desc="LP-FT probe: features", total=total, disable=quiet, leave=False):
