@@ -202,7 +202,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         labels = {
             split: fingerprint([int(y) for y in data.labels])
             for split, data in self._splits.items()
-            if hasattr(data, "labels")
+            if getattr(data, "labels", None) is not None  # unlabelled target tables have none
         }
         return {
             "module": type(self).__name__,
