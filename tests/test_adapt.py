@@ -234,3 +234,30 @@ def test_text_target_tables_are_checked_at_validation(tmp_path: Path) -> None:
     image.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
     with pytest.raises(ConfigError, match=r"^data\.target_path: .* has no column 'sentence'"):
         validate(composed(*base, f"data.target_path={image}"))
+
+
+def test_image_folder_target_dirs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for folder, names in (("train/cat", "ab"), ("train/dog", "ab"), ("target", "abc"), ("target_test/cat", "a")):
+        (tmp_path / folder).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (12, 12), (len(folder) * 9, 0, 0)).save(tmp_path / folder / f"{name}.png")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.csv").write_text("sentence\nhi\n")
+    base = ["data=image_folder", f"data.train_dir={tmp_path / 'train'}", "adapt=coral"]
+    with pytest.raises(ConfigError, match=r"^data\.target_dir: no files with extensions .* must be images"):
+        validate(composed(*base, f"data.target_dir={tmp_path / 'texts'}"))
+    cfg = validate(
+        composed(*base, f"data.target_dir={tmp_path / 'target'}", f"data.target_test_dir={tmp_path / 'target_test'}")
+    )
+    backbone = BACKBONES.build({"name": "small_cnn", "pretrain": None, "in_channels": 3})
+    dm = DATA.build(cfg.data.__dict__, preprocessing=backbone.preprocessing, seed=0)
+    dm.setup("fit")
+    dm.target_role = "adapt"
+    batch = next(iter(dm.train_dataloader()["target"]))
+    assert set(batch) == {"pixel_values"} and len(dm._splits["target_train"]) == 3  # a flat folder: no labels
+    assert next(iter(dm.target_dataloaders()["test"]))["labels"].tolist() == [0]
+    dm.target_role = "oracle"
+    with pytest.raises(ValueError, match="adapt=oracle trains on target labels, the target has none"):
+        dm.train_dataloader()
