@@ -36,6 +36,7 @@ from src.finetune.init import CHECKPOINT_ARTIFACT, load_backbone
 from src.finetune.strategy import Strategy
 from src.module import TransferModule
 from src.schema import blame
+from src.serving import export
 from src.signals import STOP
 from src.tracking import MLflowRun, TrainingStateLogger, flatten, multirun, naming, resume
 from src.tracking.mlflow_run import git_commit
@@ -90,7 +91,10 @@ def run_name(cfg: RunConfig, context: HydraContext) -> str:
 
 def group_labels(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
     """Each swappable group as the user picked it (the config option, e.g. `sst2`), else its registry name."""
-    return {group: context.choices.get(group, getattr(cfg, group).name) for group in ("data", "backbone", "finetune")}
+    return {
+        group: context.choices.get(group, getattr(cfg, group).name)
+        for group in ("data", "backbone", "finetune", "adapt")
+    }
 
 
 def description(cfg: RunConfig, context: HydraContext, result: str = "") -> str:
@@ -214,12 +218,15 @@ def callbacks(
 def log_results(
     tracker: MLflowRun,
     cfg: RunConfig,
+    raw: DictConfig,
     module: TransferModule,
     datamodule: pl.LightningDataModule,
     context: HydraContext,
+    log_model: bool = True,
 ) -> None:
-    """After test (best weights loaded): confusion matrix, label mapping, the weights-only checkpoint, and the
-    run's note with its result."""
+    """After test (best weights loaded): confusion matrix, label mapping, the weights-only checkpoint, the run's
+    note with its result, and (unless `log_model` is false: a sweep trial that is not the best so far) the
+    loadable, servable model (src.serving)."""
     test = {k: float(v) for k, v in module.trainer.callback_metrics.items() if k.startswith("test/")}
     if "test/acc" in test:
         tracker.set_tags({MLFLOW_RUN_NOTE: description(cfg, context, f"Test accuracy {test['test/acc']:.4f}.")})
@@ -231,6 +238,8 @@ def log_results(
             path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
             torch.save({"state_dict": module.state_dict(), "class_names": datamodule.class_names}, path)
             tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
+    if cfg.tracking.log_model and log_model:
+        export.log_model(tracker, raw, module, datamodule, cfg.tracking.register_model)
 
 
 def objective_value(

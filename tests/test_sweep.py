@@ -109,6 +109,10 @@ def test_pruning_sweep_records_complete_and_pruned_trials(tmp_path: Path) -> Non
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {f"plots/{p}.png" for p in ("history", "parallel_coordinate", "param_importances")} <= artifacts
     assert "plots/intermediate_values.png" in artifacts
+    # Trials log their model only while they are the best so far: the winner's is kept, no pruned trial's.
+    with_model = {m.source_run_id for m in client.search_logged_models([parent.info.experiment_id])}
+    assert by_trial[best.number].info.run_id in with_model
+    assert not {by_trial[t.number].info.run_id for t in trials if t.state == TrialState.PRUNED} & with_model
 
 
 def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:

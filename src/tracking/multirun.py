@@ -10,6 +10,7 @@ Optuna sweeps have their own parent (src/sweep/tracking.py) and are left alone h
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_USER
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,15 @@ class GridParent(Callback):
         tracking.parent_run_id, tracking.run_name = None, None
         sweep_dir = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
         name = naming.SEP.join(["grid", *(f"{k}={v}" for k, v in swept.items())])
-        tags = {ROLE_TAG: "grid", "multirun_dir": str(sweep_dir), "git_commit": git_commit(Path(__file__).parent)}
+        commit = git_commit(Path(__file__).parent)
+        tags = {
+            ROLE_TAG: "grid",
+            "multirun_dir": str(sweep_dir),
+            "git_commit": commit,
+            MLFLOW_SOURCE_NAME: "python -m src.run -m " + " ".join(config.hydra.overrides.task),
+            MLFLOW_GIT_COMMIT: commit,
+            MLFLOW_USER: getpass.getuser(),
+        }
         self.run = MLflowRun(tracking, Path(config.hydra.runtime.cwd), name, tags).__enter__()
         self.run.log_params({f"grid.{k}": v for k, v in swept.items()} | {f"fixed.{k}": v for k, v in fixed.items()})
         self.objective = {"metric": config.objective.metric, "direction": config.objective.direction}
