@@ -25,3 +25,8 @@ def test_names_put_groups_first_seed_last_and_drop_plumbing() -> None:
 def test_grid_dimensions_split_swept_from_fixed() -> None:
     swept, fixed = grid_dimensions(["finetune=linear_probe,full", "seed=0,1", "trainer.max_epochs=2"])
     assert swept == {"finetune": "linear_probe,full", "seed": "0,1"} and fixed == {"trainer.max_epochs": "2"}
+
+
+def test_grid_dimensions_strip_append_and_delete_prefixes() -> None:
+    swept, fixed = grid_dimensions(["+recipe=digits_full,digits_lora", "~trainer.max_steps"])
+    assert swept == {"recipe": "digits_full,digits_lora"}

@@ -45,7 +45,9 @@ def grid_dimensions(overrides: list[str]) -> tuple[dict[str, str], dict[str, str
     """The command line's overrides split into swept (`finetune=a,b`) and fixed ones, as key -> text."""
     swept, fixed = {}, {}
     for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.get_key_element()
+        if override.is_delete():
+            continue
+        key = override.get_key_element().lstrip("+~")
         (swept if override.is_sweep_override() else fixed)[key] = override.input_line.split("=", 1)[1]
     return swept, fixed
 
@@ -64,7 +66,8 @@ class GridParent(Callback):
         from src.tracking import naming
         from src.tracking.mlflow_run import MLflowRun, git_commit
 
-        swept, fixed = grid_dimensions(list(config.hydra.overrides.task))
+        in_file = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}  # a sweep file's grid
+        swept, fixed = grid_dimensions([f"{k}={v}" for k, v in in_file.items()] + list(config.hydra.overrides.task))
         tracking = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking))
         tracking.parent_run_id, tracking.run_name = None, None
         sweep_dir = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
@@ -78,9 +81,9 @@ class GridParent(Callback):
             MLFLOW_GIT_COMMIT: commit,
             MLFLOW_USER: getpass.getuser(),
         }
+        self.objective = {"metric": config.objective.metric, "direction": config.objective.direction}
         self.run = MLflowRun(tracking, Path(config.hydra.runtime.cwd), name, tags).__enter__()
         self.run.log_params({f"grid.{k}": v for k, v in swept.items()} | {f"fixed.{k}": v for k, v in fixed.items()})
-        self.objective = {"metric": config.objective.metric, "direction": config.objective.direction}
         sweep_dir.mkdir(parents=True, exist_ok=True)
         info = {"parent_run_id": self.run.run_id, "varying": sorted(swept)}
         (sweep_dir / INFO_FILE).write_text(json.dumps(info))
