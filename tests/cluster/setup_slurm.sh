@@ -127,7 +127,7 @@ if ! running /run/slurmdbd.pid; then
     slurmdbd
 fi
 for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
-sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 if ! running /run/slurmctld.pid; then
     say "starting slurmctld"
     slurmctld
