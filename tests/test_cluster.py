@@ -71,6 +71,7 @@ def sweep_args(tmp: Path, services: Services, study: str, *more: str) -> list[st
 
 def sweep(tmp: Path, services: Services, study: str, *more: str) -> float:
     """Runs the sweep to its end; returns its wall time in seconds."""
+    tmp.mkdir(parents=True, exist_ok=True)
     start = time.time()
     proc = run_cli(sweep_args(tmp, services, study, *more), tmp, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

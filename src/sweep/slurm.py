@@ -138,17 +138,15 @@ def check_request(request: Request, nodes: list[Node], partitions: list[str], de
     fitting = [n for n in members if request.fits(n)]
     if len(fitting) >= request.nodes:
         return
-    largest = Node("", max((n.cpus for n in members), default=0), max((n.mem_mb for n in members), default=0),
-                   max((n.gpus for n in members), default=0), (), "")  # fmt: skip
-    asked = {
-        "gpus_per_node": (request.gpus, largest.gpus, str(largest.gpus)),
-        "cpus_per_task": (request.cpus, largest.cpus, str(largest.cpus)),
-        "mem_gb": (request.mem_mb, largest.mem_mb, f"{largest.mem_mb // 1024}"),
+    most = {  # key: (asked, the most any node of the partition has, as the value to set)
+        "gpus_per_node": (request.gpus, max((n.gpus for n in members), default=0)),
+        "cpus_per_task": (request.cpus, max((n.cpus for n in members), default=0)),
+        "mem_gb": (request.mem_mb // 1024, max((n.mem_mb for n in members), default=0) // 1024),
     }
-    too_big = [f"hydra.launcher.{key}<={offer}" for key, (want, has, offer) in asked.items() if want > has]
-    what = f"{request.gpus} GPU(s), {request.cpus} CPU(s), {request.mem_mb // 1024} GB"
-    offer = f"{largest.gpus} GPU(s), {largest.cpus} CPU(s), {largest.mem_mb // 1024} GB"
-    if not too_big:  # each fits some node, but not on one node, or not on enough nodes
+    too_big = [f"hydra.launcher.{key}<={has}" for key, (want, has) in most.items() if want > has]
+    what = "{} GPU(s), {} CPU(s), {} GB".format(*(want for want, _ in most.values()))
+    offer = "{} GPU(s), {} CPU(s), {} GB".format(*(has for _, has in most.values()))
+    if not too_big:  # each fits some node, but not all on one node, or not on enough nodes
         too_big = [f"hydra.launcher.nodes<={len(fitting)}"] if fitting else [RESOURCE_KEYS]
     raise ClusterError(
         f"hydra/launcher: a trial asks for {what} per node, and no{'t enough' if fitting else ''} node of "
