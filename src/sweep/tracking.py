@@ -57,9 +57,9 @@ class StudyRun(MLflowRun):
         states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
         children = self.client.search_runs(
             [self.experiment_id],
-            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status IN ('RUNNING', 'KILLED')",
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status != 'FINISHED'",
         )
-        for child in children:
+        for child in (c for c in children if c.info.status in ("RUNNING", "KILLED")):
             state = states.get(int(child.data.tags.get(TRIAL_TAG, -1)))
             if state is None or not state.is_finished() or child.data.tags.get(STATE_TAG) == state.name:
                 continue
