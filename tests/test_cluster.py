@@ -122,7 +122,7 @@ def test_slurm_array_sweep_vs_basic_launcher(cluster: None, services: Services, 
     n = 4
     slurm_s = sweep(tmp_path / "slurm", services, "slurm-array", "hydra/launcher=slurm_cpu", f"sweep.n_trials={n}")
     check_complete(services, "slurm-array", n)
-    jobs = sorted(p.name for p in (tmp_path / "slurm" / "multirun" / ".submitit").iterdir() if "_" in p.name)
+    jobs = slurm_jobs(tmp_path / "slurm" / "multirun")
     assert len(jobs) == n, f"every trial ran as a job array task: {jobs}"
     basic_s = sweep(tmp_path / "basic", services, "basic", f"sweep.n_trials={n}")
     check_complete(services, "basic", n)
@@ -138,7 +138,7 @@ def test_joblib_workers_lose_nothing_on_postgres_and_the_mlflow_server(services:
 
 def slurm_jobs(multirun: Path) -> list[str]:
     folder = multirun / ".submitit"
-    return sorted(p.name for p in folder.iterdir() if "_" in p.name) if folder.is_dir() else []
+    return sorted(p.name for p in folder.glob("*_*") if p.is_dir()) if folder.is_dir() else []
 
 
 def reported(services: Services, study: str) -> dict[int, int]:

@@ -67,7 +67,7 @@ def mlflow_server(backend_store: str, artifacts: Path, timeout: float = 180) -> 
     """`mlflow server` on a free loopback port, runs in `backend_store`, artifacts proxied into `artifacts`."""
     port = free_port()
     log = open(artifacts.parent / "mlflow-server.log", "w")  # noqa: SIM115 - closed below
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += ["--backend-store-uri", backend_store, "--artifacts-destination", str(artifacts)]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
