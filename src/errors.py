@@ -37,7 +37,7 @@ def one_line(exc: BaseException) -> str:
         return STOP.describe()
     if isinstance(exc, KeyboardInterrupt):
         return "Interrupted (Ctrl-C)"
-    text = str(exc).strip() or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the library wrote
     if isinstance(exc, ConfigError):
         return f"Error: {text}"
     return f"Error: {type(exc).__name__}: {text}"
@@ -49,8 +49,8 @@ def _only_hydra_files(folder: Path) -> bool:
 
 @contextmanager
 def one_clear_answer(output_dir: Path, multirun: bool) -> Iterator[None]:
-    """Turns any exception of the run into one line + an exit code; in a multirun job the exception is re-raised
-    after the line, so the launcher records the failed job and the other jobs go on."""
+    """Turns any exception of the run into one line + an exit code; a failed multirun job only prints its line
+    (its MLflow run and Optuna trial record the failure), so the other jobs go on and the grid's summary runs."""
     try:
         yield
     except SystemExit as e:  # Lightning's SIGTERMException after a graceful stop; else a deliberate exit
@@ -75,5 +75,5 @@ def _report(exc: BaseException, output_dir: Path, multirun: bool) -> None:
             detail = f"\n  (full traceback: {log})"
     print(f"{line}{detail}", file=sys.stderr, flush=True)
     if multirun and STOP.signum is None:
-        raise exc
+        return
     sys.exit(exit_code(exc))

@@ -99,8 +99,8 @@ def test_pruning_sweep_records_complete_and_pruned_trials(tmp_path: Path) -> Non
         assert len(history) == epochs[t.number], "the pruned job stopped training early"
         assert t.user_attrs["mlflow_run_id"] == child.info.run_id
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
-    assert parent.data.params["space.optim.lr"] == "log-float[0.0001, 0.3]"
+    assert parent.data.params["sweep.sampler"] == "tpe" and parent.data.params["sweep.pruner"] == "median"
+    assert parent.data.params["sweep.space.optim.lr"] == "log-float[0.0001, 0.3]"
     best = study(tmp_path).best_trial
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.tags["best_trial"] == str(best.number)

@@ -60,6 +60,22 @@ def check_fraction(field_name: str, value: float) -> None:
         raise ValueError(f"{field_name}: must be in (0, 1), got {value}")
 
 
+def read_label_names(key: str, value: str | list[Any]) -> list[str]:
+    """Class names in index order: a list, or a text file with one name per line (AG News' ``classes.txt``)."""
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{key}: no such file {value!r} (a list of names or a file with one name per line)")
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    else:
+        names = [str(name) for name in value]
+    if len(names) < 2:
+        raise ValueError(f"{key}: need at least 2 class names, got {names}")
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"{key}: duplicate class name(s) {duplicates}")
+    return names
+
+
 def seeded_subset(n: int, k: int | None, seed: int) -> np.ndarray:
     """Sorted indices of ``k`` of ``n`` items drawn with ``seed`` (all of them when ``k`` is None or >= n)."""
     if k is None or k >= n:
@@ -144,8 +160,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Builds the splits once, and refuses data that cannot train a classifier before any compute."""
         if self._splits:
             return
-        with blame(f"data ({self.cfg.name})"):
-            splits, class_names = self._build()
+        try:
+            with blame(f"data ({self.cfg.name})"):
+                splits, class_names = self._build()
+        except ConfigError as e:  # readers name their key (train_path: ...); the user knows it as data.<key>
+            raise ConfigError(str(e) if str(e).startswith("data") else f"data.{e}") from e
         if len(class_names) < 2:
             raise ConfigError(
                 f"data ({self.cfg.name}): the training data has {len(class_names)} class(es) {class_names}; "

@@ -17,7 +17,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from src.data import DATA
-from src.data.common import ClassificationDataModule, DataConfig, check_fraction, check_path, fraction_split
+from src.data.common import (
+    ClassificationDataModule,
+    DataConfig,
+    check_fraction,
+    check_path,
+    fraction_split,
+    read_label_names,
+)
 from src.data.transforms import (
     CenterCrop,
     Compose,
@@ -27,6 +34,7 @@ from src.data.transforms import (
     Transform,
     pil_to_tensor,
 )
+from src.schema import ConfigError
 
 if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
     from src.backbones.base import Preprocessing
@@ -44,6 +52,7 @@ class ImageFolderConfig(DataConfig):
     image_size: int | None = None  # None: the backbone's preprocessing.image_size, else 224
     hflip: bool = True  # random horizontal flip, training split only
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
+    label_names: Any = None  # class names for the sorted sub-folders, in that order: a list or a file; None: folders
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +65,8 @@ class ImageFolderConfig(DataConfig):
             raise ValueError(f"image_size: must be >= 1 or null, got {self.image_size}")
         if not self.extensions:
             raise ValueError(f"extensions: must list at least one file extension, got {self.extensions}")
+        if self.label_names is not None:
+            read_label_names("label_names", self.label_names)
 
 
 def scan_folder(key: str, root: Path, extensions: list[str]) -> tuple[list[str], list[Path], list[str]]:
@@ -162,4 +173,16 @@ class ImageFolderDataModule(ClassificationDataModule):
         }
         if self.cfg.test_dir is not None:
             splits["test"] = self._dataset(*self._scan("test_dir", class_names), train=False)
-        return splits, class_names
+        return splits, self._display_names(class_names)
+
+    def _display_names(self, folders: list[str]) -> list[str]:
+        """``label_names`` (one per class folder, in sorted-folder order) when given, else the folder names."""
+        if self.cfg.label_names is None:
+            return folders
+        names = read_label_names("label_names", self.cfg.label_names)
+        if len(names) != len(folders):
+            raise ConfigError(
+                f"label_names: {len(names)} names for the {len(folders)} class folders of train_dir "
+                f"{self.cfg.train_dir} {folders}; give one name per folder, in this order"
+            )
+        return names

@@ -12,7 +12,6 @@ import os
 import subprocess
 import time
 import traceback
-import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -45,10 +44,12 @@ def resolve_uri(uri: str, base: Path) -> str:
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """`{"optim": {"lr": 1e-3}}` -> `{"optim.lr": "0.001"}`; lists stay one JSON-ish value."""
+    """`{"optim": {"lr": 1e-3}}` -> `{"optim.lr": "0.001"}`; lists stay one JSON-ish value; None values omitted."""
     out: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
+        if value is None:  # unset: omitted, never the string "None"
+            continue
         if isinstance(value, Mapping) and value:
             out.update(flatten(value, f"{name}."))
         else:
@@ -64,11 +65,6 @@ def git_commit(cwd: Path) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def unique_name(stem: str) -> str:
-    """Readable and unique: uuid4 draws from os.urandom, so seeding the RNGs cannot repeat names."""
-    return f"{stem}-{uuid.uuid4().hex[:6]}"
 
 
 def store_lock(uri: str) -> AbstractContextManager:
