@@ -155,7 +155,7 @@ def test_requeued_trial_resumes_its_run_and_a_cancelled_one_fails(
 ) -> None:
     """Trials 0 and 1 run as one array; mid-training job 0 is requeued (as on preemption) and job 1 cancelled.
     Trial 0 resumes from its checkpoint in the same MLflow run and completes once; trial 1 fails; trial 2 runs."""
-    study, epochs = "preempt", 30
+    study, epochs = "preempt", 12
     args = sweep_args(tmp_path, services, study, "hydra/launcher=slurm_cpu", "sweep.n_trials=3", "sweep.pruner=none")
     cmd = [sys.executable, "-m", "src.run", *args, f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
