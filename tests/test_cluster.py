@@ -193,8 +193,8 @@ def test_requeued_trial_resumes_its_run_and_a_cancelled_one_fails(
     assert resumed.info.status == "FINISHED" and resumed.data.tags.get("resumed") == "true"
     assert resumed.data.tags["optuna_state"] == "COMPLETE"
     history = MlflowClient(services.mlflow).get_metric_history(resumed.info.run_id, "val/acc")
-    logged = sorted(m.step for m in history)
-    assert set(range(epochs - 1)) <= set(logged), f"the same run went on from its checkpoint: {logged}"
+    logged = sorted(m.step for m in history)  # the epoch stopped mid-way is resumed without its validation
+    assert len(set(logged)) == len(logged) and len(set(range(epochs)) - set(logged)) <= 1, logged
     assert cancelled.info.status == "KILLED" and cancelled.data.tags["optuna_state"] == "FAIL"
     assert third.info.status == "FINISHED" and parent.info.status == "FINISHED"
 
