@@ -4,12 +4,9 @@ Optuna storage and MLflow store it leaves in tmp_path (no mocks). Short runs: 3 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ from src.sweep.config import conditions, grid_size, load, pruner, sampler, searc
 from src.sweep.schema import PRUNERS, SAMPLERS, SweepConfig, SweepError
 from src.sweep.storage import HeartbeatJournalStorage, load_study, open_storage
 from src.sweep.study import cli_distribution, counted_trials, override_value
+from tests.cluster.services import postgres
 from tests.conftest import REPO, run_cli
 
 STUDY = "digits_lr"
@@ -158,27 +156,8 @@ def test_two_joblib_workers_share_one_sqlite_study(tmp_path: Path) -> None:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL server (the machine's binaries, a temp data dir, a free port), if there is one."""
-    pytest.importorskip("psycopg")
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not bins:
-        pytest.skip("no PostgreSQL server binaries")
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses root
-    data = Path(tempfile.mkdtemp(prefix="sweep-pg-"))
-    if as_postgres:
-        shutil.chown(data, "postgres")
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    pg = bins[-1].parent
-    subprocess.run([*as_postgres, pg / "initdb", "-D", data, "-A", "trust", "-U", "postgres"], check=True)
-    server = ["-D", data, "-o", f"-p {port} -k {data} -c listen_addresses=localhost", "-l", data / "log"]
-    subprocess.run([*as_postgres, pg / "pg_ctl", *server, "-w", "start"], check=True)
-    try:
-        subprocess.run([*as_postgres, pg / "createdb", "-h", "localhost", "-p", str(port), "optuna"], check=True)
-        yield f"postgresql+psycopg://postgres:secret@localhost:{port}/optuna"
-    finally:
-        subprocess.run([*as_postgres, pg / "pg_ctl", "-D", data, "-m", "immediate", "stop"], check=False)
-        shutil.rmtree(data, ignore_errors=True)
+    with postgres("optuna") as server:
+        yield f"{server}/optuna"
 
 
 @pytest.mark.slow

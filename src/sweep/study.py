@@ -143,6 +143,9 @@ class StudySweep:
         return study
 
     def run(self) -> list[Sequence[JobReturn]]:
+        check = getattr(self.launcher, "preflight", None)  # a cluster launcher's request, before any trial exists
+        if check is not None:
+            check()
         n_jobs = self.n_jobs()
         study = self.create_study()
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -238,8 +241,14 @@ class StudySweep:
         if not jobs:
             return []
         storage = study._storage
-        with Heartbeat(storage, [t._trial_id for t in launched], self.settings.heartbeat_interval):
-            results = self.launcher.launch(jobs, initial_job_idx=launched[0].number)
+        try:
+            with Heartbeat(storage, [t._trial_id for t in launched], self.settings.heartbeat_interval):
+                results = self.launcher.launch(jobs, initial_job_idx=launched[0].number)
+        except ConfigError as e:  # the launcher refused the batch (a cluster that can never run it): none ran
+            for trial in launched:
+                if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                    fail(study, trial._trial_id, f"not launched: {e}")
+            raise
         for trial, result in zip(launched, results, strict=True):
             if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
                 fail(study, trial._trial_id, f"the job ended without a result: {job_error(result)}")

@@ -52,16 +52,19 @@ class StudyRun(MLflowRun):
         self.log_params({k: v for k, v in params.items() if k not in existing})
 
     def sync_children(self, study: optuna.Study) -> None:
-        """Children still RUNNING whose trial has ended (a killed worker) get the trial's state and end."""
+        """Children still RUNNING whose trial has ended (a killed worker) get the trial's state and end; children
+        stopped by a signal (KILLED, e.g. a cancelled SLURM job) get the trial's final state as a tag."""
         states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
         children = self.client.search_runs(
             [self.experiment_id],
-            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status = 'RUNNING'",
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status != 'FINISHED'",
         )
-        for child in children:
+        for child in (c for c in children if c.info.status in ("RUNNING", "KILLED")):
             state = states.get(int(child.data.tags.get(TRIAL_TAG, -1)))
-            if state is not None and state.is_finished():
-                self.client.set_tag(child.info.run_id, STATE_TAG, state.name)
+            if state is None or not state.is_finished() or child.data.tags.get(STATE_TAG) == state.name:
+                continue
+            self.client.set_tag(child.info.run_id, STATE_TAG, state.name)
+            if child.info.status == "RUNNING":
                 status = RunStatus.FAILED if state == TrialState.FAIL else RunStatus.FINISHED
                 self.client.set_terminated(child.info.run_id, RunStatus.to_string(status))
 

@@ -6,7 +6,9 @@ The job tells its own result, so a finished trial is recorded even if the sweepe
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,9 +21,12 @@ from optuna.trial import TrialState
 
 from src.config import Objective
 from src.schema import ConfigError
+from src.signals import STOP
 from src.sweep import config as sweep_config
 from src.sweep.storage import Heartbeat, open_storage
 from src.tracking import MLflowRun
+
+log = logging.getLogger(__name__)
 
 STUDY_TAG = "optuna_study"
 STORAGE_TAG = "optuna_storage"  # on the parent run, without password: a study is its name in its storage
@@ -30,6 +35,7 @@ STATE_TAG = "optuna_state"
 ROLE_TAG = "optuna_role"  # "study" on the sweep's parent run, "trial" on each job's run
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"
+REQUEUE_ENV = "SLURM_JOB_ID"  # set in SLURM jobs, which SLURM (or submitit) requeues when stopped
 DIVERGENCE_METRIC = "val/loss"  # logged by every run; non-finite means the trial diverged
 
 
@@ -40,10 +46,10 @@ class PruningCallback(pl.Callback):
     Only global rank 0 holds the trial (`None` elsewhere); the decision is broadcast so DDP ranks stop together.
     """
 
-    def __init__(self, trial: optuna.Trial | None, metric: str) -> None:
+    def __init__(self, trial: optuna.Trial | None, metric: str, step: int = 0) -> None:
         self.trial = trial
         self.metric = metric
-        self.step = 0  # validations so far: the pruners' resource axis (= epochs when validating once per epoch)
+        self.step = step  # validations so far: the pruners' resource axis (= epochs when validating once per epoch)
         self.pruned = False
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -110,7 +116,12 @@ class JobTrial:
     @contextmanager
     def running(self, tracker: MLflowRun) -> Iterator[JobTrial]:
         """Links the MLflow run and the trial and beats while the job runs; then tells COMPLETE (the value given
-        to `complete`), PRUNED, or FAIL on any exception, which is re-raised so the MLflow run ends FAILED."""
+        to `complete`), PRUNED, or FAIL on any exception, which is re-raised so the MLflow run ends FAILED.
+
+        Under SLURM, a job stopped by a signal (preemption, `scontrol requeue`, the time limit) leaves its trial
+        RUNNING: SLURM starts the same job again, which resumes the same MLflow run from its checkpoint
+        (`src.tracking.resume`) and tells the trial once; a job cancelled instead ends without a result, and the
+        sweeper, which beats for the trial until then, fails it."""
         if self.settings is None:
             yield self
             return
@@ -128,7 +139,9 @@ class JobTrial:
         if state != TrialState.RUNNING:
             raise RuntimeError(f"trial {s.trial} of study {s.study_name} is {state.name}, not RUNNING: not rerun")
         if not self.objective.secondary:  # Optuna prunes single-objective studies only
-            self.pruning = PruningCallback(optuna.Trial(study, trial_id) if is_zero else None, self.objective.metric)
+            reported = len(storage.get_trial(trial_id).intermediate_values)  # a requeued job resumes mid-trial
+            trial = optuna.Trial(study, trial_id) if is_zero else None
+            self.pruning = PruningCallback(trial, self.objective.metric, step=reported)
         if not is_zero:
             yield self
             return
@@ -141,6 +154,9 @@ class JobTrial:
             if self.values is None:
                 raise RuntimeError("the run returned no objective value")
         except BaseException as e:
+            if STOP.signum is not None and REQUEUE_ENV in os.environ:
+                log.warning("trial %d stays RUNNING: SLURM requeues this job, which resumes it", s.trial)
+                raise  # preempted or requeued; if the job is cancelled instead, the sweeper fails the trial
             storage.set_trial_user_attr(trial_id, ERROR_ATTR, f"{type(e).__name__}: {e}"[:2000])
             study.tell(s.trial, state=TrialState.FAIL)
             tracker.set_tags({STATE_TAG: TrialState.FAIL.name})
