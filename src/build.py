@@ -91,7 +91,10 @@ def run_name(cfg: RunConfig, context: HydraContext) -> str:
 
 def group_labels(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
     """Each swappable group as the user picked it (the config option, e.g. `sst2`), else its registry name."""
-    return {group: context.choices.get(group, getattr(cfg, group).name) for group in ("data", "backbone", "finetune")}
+    return {
+        group: context.choices.get(group, getattr(cfg, group).name)
+        for group in ("data", "backbone", "finetune", "adapt")
+    }
 
 
 def description(cfg: RunConfig, context: HydraContext, result: str = "") -> str:

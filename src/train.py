@@ -11,7 +11,8 @@ from functools import partial
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from src import build, lr_finder, preflight, regularization
+from src import build, features, lr_finder, preflight, regularization
+from src.adapt import ADAPT, TargetEvaluation
 from src.config import RunConfig, validate
 from src.data import DATA
 from src.errors import one_clear_answer
@@ -57,6 +58,8 @@ def run(
         backbone = build.backbone(cfg, raw, strategy, tracker.client)
         datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed)
         datamodule.setup("fit")
+        adapter = ADAPT.build(raw.adapt, feature_dim=backbone.feature_dim, num_classes=datamodule.num_classes)
+        datamodule.target_role = adapter.target_role
         build.log_dataset(tracker, datamodule, build.group_labels(cfg, context)["data"])
         regularizers = regularization.build(cfg.regularization, backbone, datamodule.num_classes)
         head = ClassifierHead(backbone.feature_dim, datamodule.num_classes, cfg.regularization.head_dropout)
@@ -72,13 +75,18 @@ def run(
             ),
             label_smoothing=cfg.regularization.label_smoothing,
             batch_transforms=regularizers.batch_transforms,
-            loss_terms=strategy.loss_terms() + regularizers.loss_terms,
+            loss_terms=strategy.loss_terms() + regularizers.loss_terms + adapter.loss_terms(),
             ce_weight=strategy.ce_weight,
+            aux_modules=adapter.modules(),
         )
+        cached = features.use_cache(cfg, strategy, module, datamodule, bool(regularizers.batch_transforms), tracker)
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
         health = HealthCheck(cfg.optim.lr)
-        checkpoint, callbacks = build.callbacks(cfg, [*strategy.callbacks(), *regularizers.callbacks], context)
+        extra = [*strategy.callbacks(), *regularizers.callbacks, *cached]
+        if datamodule.has_target:  # target-domain metrics and label-free selection scores (src.adapt)
+            extra.append(TargetEvaluation(datamodule, cfg.objective.metric, cfg.objective.direction == "maximize"))
+        checkpoint, callbacks = build.callbacks(cfg, extra, context)
         trainer = pl.Trainer(
             **cfg.trainer, callbacks=[*callbacks, health, STOP, *trial.callbacks()], logger=tracker.logger()
         )

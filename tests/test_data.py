@@ -108,6 +108,15 @@ def test_digits_subset_is_seeded() -> None:
     assert len(build({"name": "digits", "max_train_samples": 7}, GREY).train_dataloader().dataset) == 7
 
 
+def test_max_train_per_class_caps_each_class_then_max_train_samples_applies() -> None:
+    labels = build({"name": "digits", "max_train_per_class": 3}, GREY).train_dataloader().dataset.labels
+    assert torch.bincount(labels).tolist() == [3] * 5  # 10 labels per class, capped at 3
+    again = build({"name": "digits", "max_train_per_class": 3}, GREY).train_dataloader().dataset.labels
+    assert torch.equal(labels, again)
+    both = {"name": "digits", "max_train_per_class": 3, "max_train_samples": 4}
+    assert len(build(both, GREY).train_dataloader().dataset) == 4
+
+
 def test_digits_batches_are_normalised() -> None:
     dm = build({"name": "digits", "batch_size": 16}, GREY)
     batch = first_batch(dm.val_dataloader())

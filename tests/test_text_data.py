@@ -468,3 +468,11 @@ def test_cache_is_the_shared_store(tmp_path: Path, text_pre: Preprocessing) -> N
     train = label_table(tmp_path, ["a", "b"] * 5)
     dm = build({"name": "text_table", "train_path": str(train), "cache_dir": str(tmp_path / "c")}, text_pre)
     assert isinstance(dm.cache, Cache) and dm.cache.namespace == CACHE_NAMESPACE and dm.cache.size() > 0
+
+
+def test_max_train_per_class_caps_every_class(tmp_path: Path, text_pre: Preprocessing) -> None:
+    rows = [["sentence", "label"], *([f"text {i} of {c}", c] for c in ("neg", "pos", "mid") for i in range(12))]
+    node = {"name": "text_table", "train_path": str(write_csv(tmp_path / "t.csv", rows)), "val_fraction": 0.25}
+    dm = build({**node, "max_train_per_class": 2, "cache": False}, text_pre)
+    assert sorted(all_labels(dm.train_dataloader().dataset)) == [0, 0, 1, 1, 2, 2]
+    assert len(dm.val_dataloader().dataset) == 9  # the cap applies to train only

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 CACHE_NAMESPACE = "tokenized"
 CACHE_LAYOUT = 1  # part of every key: bump when the cached entry's layout changes
 PATH_KEYS = ("train_path", "val_path", "test_path")
+TARGET_KEYS = ("target_path", "target_test_path")  # domain adaptation: target-domain tables (src.adapt)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TextTableConfig(DataConfig):
     train_path: str | None = None  # a table file, or set hf_dataset instead
     val_path: str | None = None  # None: a seeded stratified val_fraction of train
     test_path: str | None = None  # None: test on the validation split
+    target_path: str | None = None  # domain adaptation: unlabelled target-domain table (same text columns)
+    target_test_path: str | None = None  # labelled target-domain table, for evaluation only
     hf_dataset: str | None = None  # a Hugging Face dataset (hub id or local dataset folder) instead of files
     hf_config: str | None = None  # the dataset's configuration (subset), e.g. glue's "sst2"
     train_split: str = "train"
@@ -100,8 +103,10 @@ class TextTableConfig(DataConfig):
             raise ValueError(f"{given[0]}: with hf_dataset, name splits (val_split, test_split) instead of files")
         if self.format not in FORMATS:
             raise ValueError(f"format: must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.target_test_path is not None and self.target_path is None:
+            raise ValueError("target_test_path: needs target_path (the unlabelled target training table) too")
         formats = set()
-        for key in PATH_KEYS:
+        for key in (*PATH_KEYS, *TARGET_KEYS):
             if getattr(self, key) is not None:
                 formats.add(self.format_of(key))
                 check_path(key, getattr(self, key))
@@ -132,6 +137,10 @@ class TextTableConfig(DataConfig):
         check_fraction("val_fraction", self.val_fraction)
         if self.max_length < 1:
             raise ValueError(f"max_length: must be >= 1, got {self.max_length}")
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_path is not None
 
     def format_of(self, key: str) -> str:
         """The table format of the file in config field ``key`` (explicit, or from its extension)."""
@@ -195,7 +204,7 @@ def _packed(sequences: list[list[int]], total: int) -> torch.Tensor:
 class EncodedTexts(Dataset):
     """Selected rows of a tokenised table (packed, unpadded sequences); the collator pads each batch."""
 
-    def __init__(self, entry: dict[str, Any], rows: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, entry: dict[str, Any], rows: np.ndarray, labels: np.ndarray | None) -> None:
         self.encoding = {key: values.numpy() for key, values in entry["encoding"].items()}
         self.offsets = entry["offsets"].numpy()
         self.rows, self.labels = rows, labels
@@ -207,7 +216,8 @@ class EncodedTexts(Dataset):
         row = self.rows[index]
         start, end = self.offsets[row], self.offsets[row + 1]
         item: dict[str, Any] = {key: values[start:end].tolist() for key, values in self.encoding.items()}
-        item["labels"] = int(self.labels[index])
+        if self.labels is not None:  # None: an unlabelled target-domain table
+            item["labels"] = int(self.labels[index])
         return item
 
 
@@ -220,10 +230,14 @@ class Source:
     identity: dict[str, Any]
     read: Callable[[], RawTable]
     headerless: bool = False
+    labelled: bool = True
 
 
-def encode_table(raw: RawTable, cfg: TextTableConfig, tokenizer: Any, headerless: bool) -> dict[str, Any]:
+def encode_table(
+    raw: RawTable, cfg: TextTableConfig, tokenizer: Any, headerless: bool, labelled: bool = True
+) -> dict[str, Any]:
     """Join/clean the text columns, drop or reject bad rows, tokenise: the value the cache stores per table.
+    `labelled=False` (an unlabelled target-domain table): no label column is read.
 
     Warnings are issued as they arise (before a later error) and kept in the entry, to repeat on cache hits.
     """
@@ -246,7 +260,7 @@ def encode_table(raw: RawTable, cfg: TextTableConfig, tokenizer: Any, headerless
 
     texts = texts_of(cfg.text_columns())
     pairs = texts_of([cfg.text_pair_column]) if cfg.text_pair_column is not None else None
-    labels = [label_text(v) for v in raw.column(cfg.label_column, hint)]
+    labels = [label_text(v) for v in raw.column(cfg.label_column, hint)] if labelled else [""] * len(texts)
     if (
         headerless
         and len(labels) > 1
@@ -355,7 +369,8 @@ class TextTableDataModule(ClassificationDataModule):
         cfg = self.cfg
         sources: dict[str, Source] = {}
         if cfg.hf_dataset is None:
-            for split, key in zip(("train", "val", "test"), PATH_KEYS, strict=True):
+            splits = ("train", "val", "test", "target_train", "target_test")
+            for split, key in zip(splits, (*PATH_KEYS, *TARGET_KEYS), strict=True):
                 path = getattr(cfg, key)
                 if path is None:
                     continue
@@ -370,6 +385,7 @@ class TextTableDataModule(ClassificationDataModule):
                     {"file": file_digest(path), **settings},
                     lambda key=key, path=path, settings=settings: read_table(key, path, **settings),
                     headerless=delimited and not cfg.has_header(),
+                    labelled=key != "target_path",
                 )
             return sources
         dataset_dict = load_hub_dataset(cfg.hf_dataset, cfg.hf_config)
@@ -399,11 +415,12 @@ class TextTableDataModule(ClassificationDataModule):
             "lowercase": cfg.lowercase,
             "bad_rows": cfg.bad_rows,
             "max_length": cfg.max_length,
+            "labelled": source.labelled,
         }
         key = fingerprint(CACHE_LAYOUT, source.identity, settings, tokenizer_identity(tokenizer))
 
         def compute() -> dict[str, Any]:
-            return encode_table(source.read(), cfg, tokenizer, source.headerless)
+            return encode_table(source.read(), cfg, tokenizer, source.headerless, source.labelled)
 
         start, hits = time.perf_counter(), self.cache.stats.hits
         entry = self.cache.get_or_compute(key, compute) if cfg.cache else compute()
@@ -452,9 +469,16 @@ class TextTableDataModule(ClassificationDataModule):
         else:
             train_idx, val_idx = fraction_split(labels.tolist(), self.cfg.val_fraction, self.seed)
             val = EncodedTexts(train, rows[val_idx], labels[val_idx])
-        train_idx = train_idx[self.train_indices(len(train_idx))]
+        train_idx = train_idx[self.train_indices(labels[train_idx].tolist())]
         splits: dict[str, Dataset] = {"train": EncodedTexts(train, rows[train_idx], labels[train_idx]), "val": val}
         if "test" in entries:
             test_rows, test_labels = self._labels(entries["test"], index, sources["test"].where)
             splits["test"] = EncodedTexts(entries["test"], test_rows, test_labels)
+        if "target_train" in entries:
+            splits["target_train"] = EncodedTexts(
+                entries["target_train"], np.arange(len(entries["target_train"]["labels"])), None
+            )
+        if "target_test" in entries:
+            target_rows, target_labels = self._labels(entries["target_test"], index, sources["target_test"].where)
+            splits["target_test"] = EncodedTexts(entries["target_test"], target_rows, target_labels)
         return splits, index.class_names

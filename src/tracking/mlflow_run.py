@@ -28,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from src.config import TrackingConfig
 from src.signals import STOP, Stopped
 from src.tracking.liveness import Heartbeat, process_tags, reap_dead_runs
+from src.tracking.plots import plt
 
 MAX_PARAM_LENGTH = 6000
 
@@ -156,7 +157,9 @@ class MLflowRun:
         self.log_text(json.dumps(data, indent=2, default=str), name)
 
     def log_figure(self, figure: Any, name: str) -> None:
+        """Logs, then closes the figure: pyplot keeps every figure alive, so runs in one process would pile them up."""
         self.client.log_figure(self.run_id, figure, name)
+        plt.close(figure)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
