@@ -78,12 +78,11 @@ def run(cfg: RunConfig, raw: DictConfig) -> float | list[float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(raw: DictConfig) -> float | list[float]:
-    try:
-        cfg = validate(raw)
+    try:  # a ConfigError from run(): a check that needs the built backbone (e.g. the image size it takes)
+        return run(validate(raw), raw)
     except ConfigError as e:
         print(f"Invalid config: {e}", file=sys.stderr)
         sys.exit(2)
-    return run(cfg, raw)
 
 
 if __name__ == "__main__":
