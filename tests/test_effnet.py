@@ -19,6 +19,7 @@ from src.backbones import BACKBONES
 from src.backbones.efficientnet_lite import EfficientNetLite, weights_path
 from src.backbones.groups import check_partition
 from src.data import DATA
+from src.data.image_folder import ImageDecoder, ImageFiles
 from src.finetune import FINETUNE
 from src.module import ClassifierHead, TransferModule
 from src.optim import OptimConfig, configure_optimizers
@@ -128,7 +129,7 @@ def test_image_folder_takes_every_mode_and_names_what_it_skips(tmp_path: Path) -
     assert red[0] > 0.9 and red[1] < 0.1 and red[2] < 0.1
 
 
-def test_decoded_images_are_cached_across_epochs(tmp_path: Path) -> None:
+def test_decoded_images_are_cached_across_epochs_and_runs(tmp_path: Path) -> None:
     train = tmp_path / "train"
     for name, colour in (("a", (250, 0, 0)), ("b", (0, 0, 250))):
         (train / name).mkdir(parents=True)
@@ -142,11 +143,20 @@ def test_decoded_images_are_cached_across_epochs(tmp_path: Path) -> None:
         cached.setup("fit")
         lazy = DATA.build({**node, "cache_images": False}, preprocessing=preprocessing, seed=0)
         lazy.setup("fit")
-    before = cached.val_dataloader().dataset[0]["pixel_values"]
+    val = cached.val_dataloader().dataset
+    before = val[0]["pixel_values"]
     assert before.shape == (3, 48, 48) and torch.equal(before, lazy.val_dataloader().dataset[0]["pixel_values"])
+
+    class NoDecoding(ImageDecoder):
+        def __call__(self, path: Path) -> torch.Tensor:
+            raise AssertionError(f"{path} decoded again")
+
+    # a later run on the same files and settings reads the disk cache
+    again = ImageFiles(val.files, val.labels, NoDecoding("RGB", 55, 48), val.transform, cache=True)
+    assert torch.equal(again.cached, val.cached)
     for path in train.rglob("*.png"):
         path.unlink()  # a cached dataset never reads the files again
-    assert torch.equal(cached.val_dataloader().dataset[0]["pixel_values"], before)
+    assert torch.equal(val[0]["pixel_values"], before)
     with pytest.raises(FileNotFoundError):
         lazy.val_dataloader().dataset[0]
 

@@ -3,13 +3,13 @@
 Preprocessing: resize the SHORTER side to ``image_size / crop_pct`` (the backbone's crop share), then centre-crop
 ``image_size`` (keeps the aspect ratio, the usual ImageNet evaluation recipe), plus a random horizontal flip for
 training when ``hflip`` is set. Any Pillow mode is converted (transparent images onto white). Decoded, resized
-images are kept in memory as uint8 (``cache_images``), so epochs after the first only flip and normalise.
+images are kept in memory as uint8 and in the shared disk cache (``cache_images``), so later epochs and runs only
+flip and normalise.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from omegaconf import MISSING
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from src.cache import Cache, file_digest, fingerprint
 from src.data import DATA
 from src.data.common import ClassificationDataModule, DataConfig, check_fraction, check_path, fraction_split
 from src.data.transforms import (
@@ -51,7 +52,7 @@ class ImageFolderConfig(DataConfig):
     val_fraction: float = 0.2
     image_size: int | None = None  # None: the backbone's preprocessing.image_size, else 224
     hflip: bool = True  # random horizontal flip, training split only
-    cache_images: bool = True  # keep decoded, resized images in memory (uint8: 3 * image_size**2 bytes each)
+    cache_images: bool = True  # decoded, resized images in memory + disk cache (uint8: 3 * image_size**2 bytes each)
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
 
     def __post_init__(self) -> None:
@@ -135,8 +136,13 @@ class ImageDecoder:
     """
 
     def __init__(self, mode: str, resize: int, size: int) -> None:
-        self.mode, self.resize = mode, resize
+        self.mode, self.resize, self.size = mode, resize, size
         self.transform = Compose([Resize(resize), CenterCrop(size)])
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that determines the output besides the file (a cache key part; bump the version when the
+        decoding code changes)."""
+        return {"mode": self.mode, "resize": self.resize, "size": self.size, "version": 1}
 
     def __call__(self, path: Path) -> torch.Tensor:
         with Image.open(path) as image:
@@ -153,18 +159,22 @@ def image_transform(preprocessing: Preprocessing, hflip: bool) -> Transform:
 
 
 class ImageFiles(Dataset):
-    """Image files, decoded once into memory when ``cache`` is set (else on every access: memory stays flat
-    however large the folder)."""
+    """Image files, decoded on every access, or once when ``cache`` is set: then the whole split is one uint8
+    tensor in memory, also stored in the shared on-disk cache (`src.cache`, namespace ``images``) under the
+    files' contents and the decoder settings, so later runs and sweep jobs on the same folder skip decoding.
+    """
 
     def __init__(
         self, files: list[Path], labels: list[int], decode: ImageDecoder, transform: Transform, cache: bool
     ) -> None:
         self.files, self.labels, self.decode, self.transform = files, labels, decode, transform
-        self.cached: list[torch.Tensor] | None = None
+        self.cached: torch.Tensor | None = None
         if cache:
-            start = time.perf_counter()
-            self.cached = [decode(path) for path in files]
-            log.info("decoded %d images into memory in %.1fs", len(files), time.perf_counter() - start)
+            store = Cache("images")
+            key = fingerprint(decode.settings(), [file_digest(path) for path in files])
+            self.cached = store.get_or_compute(key, lambda: torch.stack([decode(path) for path in files]))
+            how = "decoded" if store.stats.misses else f"loaded from {store.dir}"
+            log.info("%d images %s in %.1fs", len(files), how, store.stats.seconds_computing)
 
     def __len__(self) -> int:
         return len(self.files)
