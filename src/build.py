@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,14 +12,22 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import RunConfig
-from src.finetune.init import CHECKPOINT_ARTIFACT
+from src.backbones import BACKBONES
+from src.backbones.base import Backbone
+from src.config import RunConfig, validate
+from src.finetune.init import CHECKPOINT_ARTIFACT, load_backbone
+from src.finetune.strategy import Strategy
 from src.module import TransferModule
-from src.tracking import MLflowRun, TrainingStateLogger, flatten
+from src.schema import blame
+from src.signals import STOP
+from src.tracking import MLflowRun, TrainingStateLogger, flatten, resume
 from src.tracking.mlflow_run import git_commit, unique_name
 from src.tracking.plots import confusion_matrix_figure
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,11 +82,49 @@ def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
     return out
 
 
-def log_config(tracker: MLflowRun, raw: DictConfig, context: HydraContext) -> None:
+def start(tracker: MLflowRun, raw: DictConfig, context: HydraContext, resumed: bool) -> None:
+    """Record the run where a restart of this job finds it, arm the stop signals with its checkpoint, and log its
+    config (a resumed run keeps the params it started with; its overrides are kept as a tag)."""
+    resume.record(context.output_dir, tracker.run_id)
+    STOP.checkpoint = context.output_dir / resume.LAST_CHECKPOINT
+    STOP.run_id = tracker.run_id
+    if resumed:
+        tracker.set_tags({"resumed_with": " ".join(context.overrides) or "(no overrides)"})
+        return
     resolved = OmegaConf.to_container(raw, resolve=True)
     tracker.log_params(flatten(resolved))
-    tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+    tracker.log_text(OmegaConf.to_yaml(resolved), resume.CONFIG_ARTIFACT)
     tracker.log_text("\n".join(context.overrides) + "\n", "overrides.txt")
+
+
+def resume_point(
+    cfg: RunConfig, raw: DictConfig, context: HydraContext
+) -> tuple[RunConfig, DictConfig, HydraContext, resume.ResumePoint | None]:
+    """What this start continues: `resume=<run id>|last` (that run's stored config, plus any key=value overrides
+    given beside it), or the run an earlier start of this same job left in its output folder (a requeue)."""
+    if cfg.resume is None:
+        point = resume.requeued(context.output_dir)
+        if point is not None:
+            log.warning("resuming run %s from %s (this job ran here before)", point.run_id, point.checkpoint)
+        return cfg, raw, context, point
+    point, stored = resume.point(cfg.resume, cfg.tracking.experiment, cfg.tracking.uri, context.launch_dir)
+    raw = resume.with_overrides(stored, context.overrides)
+    cfg = validate(raw)
+    log.warning("resuming run %s from %s", point.run_id, point.checkpoint)
+    return cfg, raw, replace(context, output_dir=point.output_dir), point
+
+
+def backbone(cfg: RunConfig, raw: DictConfig, strategy: Strategy, client: MlflowClient) -> Backbone:
+    """The pretrained (or random-init) backbone, from an earlier run's weights if asked, adapted by the strategy
+    (LoRA adapters), whose freezing schedule is checked against its layer groups before any training."""
+    net = BACKBONES.build(raw.backbone, pretrained=strategy.pretrained)
+    with blame("finetune"):
+        if cfg.finetune.init_from:
+            load_backbone(net, cfg.finetune.init_from, client)
+        net = strategy.prepare(net)
+    epochs = cfg.trainer.get("max_epochs")
+    strategy.check(len(net.layer_groups()), epochs if epochs and epochs > 0 else None)
+    return net
 
 
 def callbacks(

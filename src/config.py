@@ -94,6 +94,7 @@ class RunConfig:
     trainer: dict[str, Any]
     tracking: TrackingConfig
     ckpt_path: str | None
+    resume: str | None  # a run id or "last": continue that stopped run (src.tracking.resume)
     extra: dict[str, Any]  # other top-level keys, e.g. a sweep's settings, passed through untouched
 
 
@@ -141,12 +142,13 @@ def validate(cfg: DictConfig) -> RunConfig:
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")
-    known = {*registries, *FIXED_GROUPS, "trainer", "seed", "ckpt_path"}
+    known = {*registries, *FIXED_GROUPS, "trainer", "seed", "ckpt_path", "resume"}
     extra = {k: cfg[k] for k in cfg if k not in known}
     return RunConfig(
         seed=seed,
         trainer=_trainer_kwargs(cfg.trainer),
         ckpt_path=cfg.get("ckpt_path"),
+        resume=None if cfg.get("resume") is None else str(cfg.get("resume")),
         extra=extra,
         **parsed,
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torchmetrics import AUROC, Accuracy, F1Score, MetricCollection, Precision, Recall
 
+# Every validation metric a run logs (`val/<name>`): what `objective.metric` may name.
+VAL_METRICS = ("acc", "precision", "recall", "f1", "auroc", "loss", "majority_share")
+
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Accuracy, macro precision/recall/F1 and AUROC (binary or one-vs-rest macro), fed with logits."""

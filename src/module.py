@@ -65,6 +65,7 @@ class TransferModule(pl.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
+        self.register_buffer("val_predicted", torch.zeros(num_classes, dtype=torch.long), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.backbone(batch))
@@ -92,11 +93,17 @@ class TransferModule(pl.LightningModule):
         return logits
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        update(self.val_metrics, self._eval_step(batch, "val"), batch["labels"])
+        logits = self._eval_step(batch, "val")
+        update(self.val_metrics, logits, batch["labels"])
+        self.val_predicted += torch.bincount(logits.argmax(-1), minlength=self.num_classes)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=False)
         self.val_metrics.reset()
+        # The largest share of validation predictions in one class: 1.0 means a collapsed model (src.health).
+        counts = self.val_predicted.float()
+        self.log("val/majority_share", counts.max() / counts.sum().clamp(min=1), sync_dist=True)
+        self.val_predicted.zero_()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self._eval_step(batch, "test")

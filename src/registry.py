@@ -8,6 +8,8 @@ from typing import Any, Generic, TypeVar
 
 from omegaconf import OmegaConf
 
+from src.schema import blame
+
 T = TypeVar("T")
 
 
@@ -48,4 +50,7 @@ class Registry(Generic[T]):
         return OmegaConf.to_object(merged)
 
     def build(self, node: Mapping[str, Any], **kwargs: Any) -> T:
-        return self.entry(node["name"]).factory(self.config(node), **kwargs)
+        """The option built from its validated config; what bad input makes it raise names the group."""
+        cfg = self.config(node)
+        with blame(f"{self.group} ({node['name']})"):
+            return self.entry(node["name"]).factory(cfg, **kwargs)

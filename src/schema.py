@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -17,3 +19,15 @@ def check(condition: bool, message: str) -> None:
 
 def check_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     check(value in choices, f"{key}: must be one of {', '.join(choices)}; got {value!r}")
+
+
+@contextmanager
+def blame(key: str) -> Iterator[None]:
+    """Re-raise the errors bad user input causes as a `ConfigError` naming `key`, so a missing model, an unreadable
+    file or a bad LoRA target reads as one line about the setting to change."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError, KeyError, ImportError, UnicodeError) as e:
+        raise ConfigError(f"{key}: {str(e).strip() or type(e).__name__}") from e

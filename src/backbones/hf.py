@@ -33,6 +33,7 @@ def check_pooling(pooling: str) -> None:
 @dataclass
 class HFConfig:
     name: str = "hf"
+    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
     model: str = MISSING  # hub id (e.g. microsoft/resnet-50) or a local save_pretrained() folder
     revision: str | None = None  # hub branch / tag / commit
     trust_remote_code: bool = False  # allow model code shipped with the checkpoint

@@ -17,6 +17,7 @@ from src.backbones.hf import HFBackbone, HFConfig, build_hf, check_pooling
 @dataclass
 class MiniLMConfig:
     name: str = "minilm"
+    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
     pooling: str = "mean"  # cls | mean; mean is what the sentence-transformers model was trained with
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ RECIPE = {"lr": 3e-3, "batch_size": 64, "val_fraction": 0.2}
 @dataclass
 class SmallCNNConfig:
     name: str = "small_cnn"
+    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
     in_channels: int = 1
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # stem width, then one block per entry
     image_size: int = 8  # what the data is resized to; digits are 8x8

@@ -21,6 +21,7 @@ from src.backbones.groups import ParameterHolder, check_partition, module_layer_
 @dataclass
 class TimmConfig:
     name: str = "timm"
+    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
     model: str = MISSING  # timm model name, e.g. resnet18 or vit_small_patch16_224.augreg_in21k
 
 

@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from src.schema import ConfigError, blame
+
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
     from src.backbones.base import Preprocessing
 
@@ -131,12 +133,28 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def train_indices(self, n: int) -> np.ndarray:
         """Indices of the seeded ``max_train_samples`` subset of an ``n``-sample training split."""
+        if self.cfg.max_train_samples is not None and self.cfg.max_train_samples > n:
+            raise ConfigError(
+                f"data.max_train_samples: {self.cfg.max_train_samples} asked, but the training split has only {n} "
+                "examples; lower it or set it to null (all)"
+            )
         return seeded_subset(n, self.cfg.max_train_samples, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
+        """Builds the splits once, and refuses data that cannot train a classifier before any compute."""
         if self._splits:
             return
-        splits, self.class_names = self._build()
+        with blame(f"data ({self.cfg.name})"):
+            splits, class_names = self._build()
+        if len(class_names) < 2:
+            raise ConfigError(
+                f"data ({self.cfg.name}): the training data has {len(class_names)} class(es) {class_names}; "
+                "a classifier needs at least 2 (check the label column)"
+            )
+        for split, dataset in splits.items():
+            if len(dataset) == 0:
+                raise ConfigError(f"data ({self.cfg.name}): the {split} split is empty")
+        self.class_names = class_names
         self.label_mapping = {name: i for i, name in enumerate(self.class_names)}
         self._splits = splits
 

@@ -17,6 +17,8 @@ class Full(Strategy):
 class LinearProbe(Strategy):
     """Backbone frozen (no gradients computed through it); only the new head trains."""
 
+    trains_backbone = False
+
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         return set()
 

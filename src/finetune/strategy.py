@@ -30,14 +30,17 @@ from src.backbones.base import Backbone, LayerGroup
 from src.finetune.bn import BatchNormPolicy, apply_bn_modes, apply_bn_policy
 from src.module import LossTerm
 from src.registry import Registry
+from src.schema import ConfigError, blame
 
 
 @dataclass
 class FinetuneConfig:
-    """Fields every strategy has. `init_from`: a checkpoint path or MLflow run id to start the backbone from;
+    """Fields every strategy has. `lr`: what `optim.lr` defaults to (a head on frozen features needs a far higher LR
+    than fine-tuning a pretrained network); `init_from`: a checkpoint path or MLflow run id to start the backbone from;
     `bn`: what batch-norm layers inside frozen layer groups do (see `src.finetune.bn`)."""
 
     name: str = "full"
+    lr: float | None = None  # optim.lr's default under this strategy (YAML: the backbone's, or the strategy's own)
     init_from: str | None = None
     bn: BatchNormPolicy = field(default_factory=BatchNormPolicy)
 
@@ -47,6 +50,7 @@ class Strategy:
 
     pretrained: bool = True
     ce_weight: float = 1.0  # weight of the cross-entropy term (distillation gives the rest to its KL term)
+    trains_backbone: bool = True  # False where the backbone is frozen by design (linear_probe; lora's adapters)
 
     def __init__(self, cfg: FinetuneConfig, client: MlflowClient | None = None) -> None:
         self.cfg = cfg
@@ -74,6 +78,19 @@ class Strategy:
 
     def callbacks(self) -> list[pl.Callback]:
         return [FreezeSchedule(self)]
+
+    def check(self, n_groups: int, epochs: int | None) -> None:
+        """Before compute: a schedule under which no layer group trains within the run would be a linear probe
+        recorded as another strategy; `epochs` None means unbounded."""
+        if not self.trains_backbone or epochs is None:
+            return
+        with blame("finetune"):
+            trained = set().union(*(self.trainable_groups(e, n_groups) for e in range(epochs)))
+        if not trained:
+            raise ConfigError(
+                f"finetune={self.cfg.name}: no layer group trains within trainer.max_epochs={epochs}, so the run "
+                "would be a linear probe; unfreeze earlier, raise trainer.max_epochs, or use finetune=linear_probe"
+            )
 
 
 FINETUNE: Registry[Strategy] = Registry("finetune")

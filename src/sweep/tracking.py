@@ -37,13 +37,10 @@ class StudyRun(MLflowRun):
             f"tags.{STUDY_TAG} = '{study}' and tags.{STORAGE_TAG} = '{storage}' and tags.{ROLE_TAG} = 'study'",
             max_results=1,
         )
-        if not found:
-            super().__enter__()
-            return self
-        self.run_id = found[0].info.run_id
-        self.client.update_run(self.run_id, RunStatus.to_string(RunStatus.RUNNING))
-        self.set_tags(self.tags)  # this launch's commit and multirun dir
-        log.info("Resuming study %r: MLflow parent run %s", study, self.run_id)
+        if found:
+            self.run_id = found[0].info.run_id  # reopened by MLflowRun, with this launch's commit and multirun dir
+            log.info("Resuming study %r: MLflow parent run %s", study, self.run_id)
+        super().__enter__()
         return self
 
     def log_new_params(self, params: Mapping[str, str]) -> None:

@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from src.config import TrackingConfig
+from src.signals import STOP, Stopped
+from src.tracking.liveness import Heartbeat, process_tags, reap_dead_runs
 
 MAX_PARAM_LENGTH = 6000
 
@@ -80,7 +82,14 @@ def store_lock(uri: str) -> AbstractContextManager:
 class MLflowRun:
     """Context manager around one MLflow run; ends it FAILED (with the traceback) on any exception."""
 
-    def __init__(self, cfg: TrackingConfig, base_dir: Path, run_name: str, tags: dict[str, str]) -> None:
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        base_dir: Path,
+        run_name: str,
+        tags: dict[str, str],
+        resume_run_id: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.uri = resolve_uri(cfg.uri, base_dir)
         self.artifact_location = (
@@ -90,7 +99,8 @@ class MLflowRun:
         self.tags = {**tags, **cfg.tags}
         with store_lock(self.uri):  # the client creates/migrates a new store's tables right here
             self.client = MlflowClient(self.uri)
-        self.run_id = ""
+        self.run_id = resume_run_id or ""  # resuming: the same run continues
+        self.heartbeat: Heartbeat | None = None
 
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -103,22 +113,31 @@ class MLflowRun:
 
     def __enter__(self) -> MLflowRun:
         self.experiment_id = self._experiment_id()
-        tags = dict(self.tags)
+        reap_dead_runs(self.client, self.experiment_id)
+        tags = {**self.tags, **process_tags()}
         if self.cfg.parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = self.cfg.parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
-        self.run_id = run.info.run_id
+        if self.run_id:
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self.set_tags({**tags, "resumed": "true"})
+        else:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+        self.heartbeat = Heartbeat(self.client, self.run_id).start()
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if exc is None:
             self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
             return
         text = "".join(traceback.format_exception(exc_type, exc, tb))
-        self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-        self.client.set_tag(self.run_id, MLFLOW_RUN_NOTE, f"Failed:\n```\n{text[-4000:]}\n```")
+        stopped = STOP.signum is not None or isinstance(exc, KeyboardInterrupt | Stopped)
+        message = STOP.describe() if STOP.signum is not None else f"{exc_type.__name__}: {exc}"
+        self.client.set_tag(self.run_id, "error", message[:5000])
+        self.client.set_tag(self.run_id, MLFLOW_RUN_NOTE, f"{'Stopped' if stopped else 'Failed'}: {message[:4000]}")
         self.log_text(text, "error.txt")
-        status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+        status = RunStatus.KILLED if stopped else RunStatus.FAILED
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
 
     def log_params(self, params: dict[str, str]) -> None:

@@ -1,0 +1,74 @@
+"""One error path: whatever stops a run ends in one readable line on screen, a status code that says why, and the
+full traceback in a file (never on screen).
+
+Exit codes: 2 a user mistake (`ConfigError`: config, data, backbone, environment), 128 + signal number when stopped
+by SIGTERM/SIGINT (143/130), 1 anything else (a bug: the line names the log file to report).
+`TRANSFER_LAB_TRACEBACK=1` puts the traceback back on screen, for developers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from src.schema import ConfigError
+from src.signals import STOP
+
+ERROR_LOG = "error.log"
+
+
+def exit_code(exc: BaseException) -> int:
+    if STOP.signum is not None:
+        return 128 + STOP.signum
+    return 2 if isinstance(exc, ConfigError) else 1
+
+
+def one_line(exc: BaseException) -> str:
+    """What the user reads: the message alone for their own mistakes, the type too for anything else."""
+    if STOP.signum is not None:
+        return STOP.describe()
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, ConfigError):
+        return f"Error: {text}"
+    return f"Error: {type(exc).__name__}: {text}"
+
+
+def _only_hydra_files(folder: Path) -> bool:
+    return all(p.name in (".hydra", "run.log") for p in folder.iterdir())
+
+
+@contextmanager
+def one_clear_answer(output_dir: Path, multirun: bool) -> Iterator[None]:
+    """Turns any exception of the run into one line + an exit code; in a multirun job the exception is re-raised
+    after the line, so the launcher records the failed job and the other jobs go on."""
+    try:
+        yield
+    except SystemExit as e:  # Lightning's SIGTERMException after a graceful stop; else a deliberate exit
+        if STOP.signum is None:
+            raise
+        _report(e, output_dir, multirun)
+    except BaseException as e:  # noqa: BLE001 - every way out is reported
+        _report(e, output_dir, multirun)
+
+
+def _report(exc: BaseException, output_dir: Path, multirun: bool) -> None:
+    if os.environ.get("TRANSFER_LAB_TRACEBACK") == "1":
+        raise exc
+    line = one_line(exc)
+    detail = ""
+    if output_dir.is_dir() and _only_hydra_files(output_dir) and isinstance(exc, ConfigError) and not multirun:
+        shutil.rmtree(output_dir, ignore_errors=True)  # a config that never ran leaves no empty output folder
+    elif output_dir.is_dir():
+        log = output_dir / ERROR_LOG
+        log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        if not isinstance(exc, ConfigError):
+            detail = f"\n  (full traceback: {log})"
+    print(f"{line}{detail}", file=sys.stderr, flush=True)
+    if multirun and STOP.signum is None:
+        raise exc
+    sys.exit(exit_code(exc))

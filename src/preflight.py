@@ -1,0 +1,84 @@
+"""Checks that need more than the schema but no compute: run right after validation, before any model, data or
+MLflow run exists, so a mistake that is knowable up front costs seconds, not an epoch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from src.config import RunConfig
+from src.metrics import VAL_METRICS
+from src.schema import ConfigError
+from src.tracking.mlflow_run import resolve_uri
+
+TRACKING_TIMEOUT_S = 5.0
+
+
+def check(cfg: RunConfig, launch_dir: Path) -> None:
+    check_objective(cfg)
+    check_trainer(cfg.trainer)
+    check_tracking(cfg.tracking.uri, cfg.tracking.artifact_location, launch_dir)
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """The checkpoint monitor must be a metric the run logs; a typo would otherwise surface after epoch 1."""
+    known = sorted(f"val/{name}" for name in VAL_METRICS)
+    if cfg.objective.metric not in known:
+        raise ConfigError(
+            f"objective.metric: {cfg.objective.metric!r} is never logged; choose one of {', '.join(known)}"
+        )
+
+
+def check_trainer(kwargs: dict) -> None:
+    """Epoch bounds, then a throwaway `Trainer` built from the same arguments: whatever Lightning would reject at
+    fit time (an absent accelerator, an unknown precision or strategy) is rejected now."""
+    epochs, steps = kwargs.get("max_epochs"), kwargs.get("max_steps", -1)
+    if epochs is not None and epochs != -1 and epochs < 1:
+        raise ConfigError(f"trainer.max_epochs: must be >= 1 (or -1 with trainer.max_steps > 0); got {epochs}")
+    if epochs == -1 and (steps is None or steps < 1):
+        raise ConfigError("trainer.max_epochs: -1 (unbounded) needs trainer.max_steps > 0")
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines are printed by the real trainer
+    try:
+        pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+    except Exception as e:  # noqa: BLE001 - ValueError, TypeError, Lightning's MisconfigurationException, ...
+        raise ConfigError(f"trainer: {str(e).strip()}") from e
+    finally:
+        quiet.setLevel(level)
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` can be written: it exists and is writable, or its nearest existing parent is."""
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    return os.access(path, os.W_OK)
+
+
+def check_tracking(uri: str, artifact_location: str | None, launch_dir: Path) -> None:
+    """A server must answer within a few seconds (MLflow's client would retry silently for minutes); a local
+    store and artifact folder must be writable."""
+    resolved = resolve_uri(uri, launch_dir)
+    if resolved.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(resolved.rstrip("/") + "/health", timeout=TRACKING_TIMEOUT_S).close()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(
+                f"tracking.uri: no MLflow server answers at {uri} within {TRACKING_TIMEOUT_S:g} s ({reason}); start "
+                "it (mlflow server --host 127.0.0.1 --port 5000) or use tracking.uri=sqlite:///mlflow.db"
+            ) from e
+    for scheme in ("sqlite:///", "file:"):
+        if resolved.startswith(scheme) and not _writable(Path(resolved[len(scheme) :])):
+            raise ConfigError(f"tracking.uri: cannot write the MLflow store {resolved[len(scheme) :]} (from {uri})")
+    if "://" not in resolved and not _writable(Path(resolved)):
+        raise ConfigError(f"tracking.uri: cannot write the MLflow store {resolved} (from {uri})")
+    if artifact_location and not _writable(Path(launch_dir, artifact_location)):
+        raise ConfigError(f"tracking.artifact_location: cannot write {Path(launch_dir, artifact_location)}")
