@@ -32,16 +32,15 @@ MEAN, STD = 127.0 / 255, 128.0 / 255  # the edge models' inception-style normali
 @dataclass
 class EfficientNetLiteConfig:
     name: str = "efficientnet_lite"
+    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
     variant: int = 0  # 0 | 1 | 2 (input 224 / 240 / 260 px)
     drop_connect_rate: float = 0.2  # stochastic depth of the trainable blocks (the pretraining recipe's 0.2)
     bn_momentum: float = 0.1  # BN running-statistics momentum (torch convention; the TF pretraining used 0.01)
-    lr: float = 1.0e-3  # the base LR these backbones fine-tune well with (optim.lr)
 
     def __post_init__(self) -> None:
         check(self.variant in VARIANTS, f"variant: must be one of {', '.join(map(str, VARIANTS))}; got {self.variant}")
         check(0 <= self.drop_connect_rate < 1, f"drop_connect_rate: must be in [0, 1); got {self.drop_connect_rate}")
         check(0 < self.bn_momentum <= 1, f"bn_momentum: must be in (0, 1]; got {self.bn_momentum}")
-        check(self.lr > 0, f"lr: must be > 0; got {self.lr}")
 
 
 class EfficientNetLite(Backbone):
