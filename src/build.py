@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,20 +14,34 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from mlflow.entities import Dataset, DatasetInput, InputTag, SourceType
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from src.backbones import BACKBONES
 from src.backbones.base import Backbone
+from src.cache import file_digest, fingerprint
 from src.config import RunConfig, validate
+from src.data.common import ClassificationDataModule
 from src.finetune.init import CHECKPOINT_ARTIFACT, load_backbone
 from src.finetune.strategy import Strategy
 from src.module import TransferModule
 from src.schema import blame
+from src.serving import export
 from src.signals import STOP
-from src.tracking import MLflowRun, TrainingStateLogger, flatten, resume
-from src.tracking.mlflow_run import git_commit, unique_name
+from src.tracking import MLflowRun, TrainingStateLogger, flatten, multirun, naming, resume
+from src.tracking.mlflow_run import git_commit
 from src.tracking.plots import confusion_matrix_figure
+from src.tracking.summary import best_metric
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +74,80 @@ def hydra_context() -> HydraContext:
 
 
 def run_name(cfg: RunConfig, context: HydraContext) -> str:
+    """What varies first (see src.tracking.naming): a sweep trial `t07·lr=3.1e-4·…`, a grid job by the grid's swept
+    keys `lp_ft·s0`, a single run by its strategy and overrides `linear_probe·lr=0.01·s0·3fa2` (suffix: unique)."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    job = f"-j{context.job_num}" if context.job_num is not None else ""
-    labels = group_labels(cfg, context)
-    return unique_name(f"{labels['data']}-{labels['backbone']}-{labels['finetune']}-s{cfg.seed}{job}")
+    sweep = cfg.extra.get("sweep")
+    if sweep is not None and sweep.get("trial") is not None:
+        return naming.SEP.join([f"t{int(sweep.trial):02d}", *naming.from_overrides(context.overrides)])
+    grid = multirun.read(context.multirun_dir)
+    if grid is not None:
+        return naming.SEP.join(naming.from_overrides(context.overrides, grid.varying) or [f"j{context.job_num}"])
+    rest = [o for o in context.overrides if not o.lstrip("+").startswith(("finetune=", "seed="))]
+    parts = [group_labels(cfg, context)["finetune"], *naming.from_overrides(rest), f"s{cfg.seed}"]
+    return naming.SEP.join([*parts, naming.unique_suffix()])
 
 
 def group_labels(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
     """Each swappable group as the user picked it (the config option, e.g. `sst2`), else its registry name."""
-    return {group: context.choices.get(group, getattr(cfg, group).name) for group in ("data", "backbone", "finetune")}
+    return {
+        group: context.choices.get(group, getattr(cfg, group).name)
+        for group in ("data", "backbone", "finetune", "adapt")
+    }
+
+
+def description(cfg: RunConfig, context: HydraContext, result: str = "") -> str:
+    """The run's note in the MLflow UI: what it is in one sentence, and its result once known."""
+    g = group_labels(cfg, context)
+    text = f"finetune={g['finetune']} of backbone={g['backbone']} on data={g['data']}, seed {cfg.seed}."
+    return f"{text} {result}".strip()
 
 
 def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
+    """Our tags (the group options, seed, where outputs are) plus MLflow's standard source/commit/user tags, which
+    fill the Source and User columns of the runs table; a grid job is nested under its grid's parent run."""
+    commit = git_commit(Path(__file__).parent)
     out = {
         **group_labels(cfg, context),
         "seed": str(cfg.seed),
-        "git_commit": git_commit(Path(__file__).parent),
+        "git_commit": commit,
         "output_dir": str(context.output_dir),
+        MLFLOW_SOURCE_NAME: "python -m src.run " + " ".join(context.overrides),
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+        MLFLOW_GIT_COMMIT: commit,
+        MLFLOW_USER: getpass.getuser(),
+        MLFLOW_RUN_NOTE: description(cfg, context),
     }
     if context.multirun_dir is not None:
         out |= {"multirun_dir": context.multirun_dir, "job_num": str(context.job_num)}
+        grid = multirun.read(context.multirun_dir)
+        if grid is not None and not cfg.tracking.parent_run_id:
+            out[MLFLOW_PARENT_RUN_ID] = grid.parent_run_id
     return out
+
+
+def log_dataset(tracker: MLflowRun, datamodule: ClassificationDataModule, name: str) -> None:
+    """The data as an MLflow dataset input (the Dataset column): its name, source, a content digest and sizes;
+    and what its cache saved (`cache/<namespace>/*`)."""
+    cfg = datamodule.cfg
+    source = next((str(getattr(cfg, k)) for k in ("train_path", "train_dir") if getattr(cfg, k, None)), cfg.name)
+    path = Path(source)
+    if path.is_file():
+        digest = file_digest(path)
+    elif path.is_dir():
+        digest = fingerprint(
+            sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        )
+    else:
+        digest = fingerprint(asdict(cfg))
+    sizes = {split: len(data) for split, data in datamodule._splits.items()}
+    profile = {"num_classes": datamodule.num_classes, **{f"num_{k}": v for k, v in sizes.items()}}
+    dataset = Dataset(name, digest[:16], "local" if path.exists() else "builtin", source, profile=json.dumps(profile))
+    tracker.client.log_inputs(tracker.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+    cache = getattr(datamodule, "cache", None)  # the read-and-tokenise cache of tables (src.data.text_table)
+    if cache is not None:
+        tracker.log_metrics(cache.stats.as_metrics(cache.namespace))
 
 
 def start(tracker: MLflowRun, raw: DictConfig, context: HydraContext, resumed: bool) -> None:
@@ -147,8 +215,21 @@ def callbacks(
     return checkpoint, out
 
 
-def log_results(tracker: MLflowRun, cfg: RunConfig, module: TransferModule, datamodule: pl.LightningDataModule) -> None:
-    """After test (best weights loaded): confusion matrix, label mapping and the weights-only checkpoint."""
+def log_results(
+    tracker: MLflowRun,
+    cfg: RunConfig,
+    raw: DictConfig,
+    module: TransferModule,
+    datamodule: pl.LightningDataModule,
+    context: HydraContext,
+    log_model: bool = True,
+) -> None:
+    """After test (best weights loaded): confusion matrix, label mapping, the weights-only checkpoint, the run's
+    note with its result, and (unless `log_model` is false: a sweep trial that is not the best so far) the
+    loadable, servable model (src.serving)."""
+    test = {k: float(v) for k, v in module.trainer.callback_metrics.items() if k.startswith("test/")}
+    if "test/acc" in test:
+        tracker.set_tags({MLFLOW_RUN_NOTE: description(cfg, context, f"Test accuracy {test['test/acc']:.4f}.")})
     matrix = module.confusion.compute().cpu().numpy()
     tracker.log_figure(confusion_matrix_figure(matrix, datamodule.class_names), "confusion_matrix.png")
     tracker.log_dict(datamodule.label_mapping, "label_mapping.json")
@@ -157,6 +238,8 @@ def log_results(tracker: MLflowRun, cfg: RunConfig, module: TransferModule, data
             path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
             torch.save({"state_dict": module.state_dict(), "class_names": datamodule.class_names}, path)
             tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
+    if cfg.tracking.log_model and log_model:
+        export.log_model(tracker, raw, module, datamodule, cfg.tracking.register_model)
 
 
 def objective_value(
@@ -167,6 +250,7 @@ def objective_value(
     score = checkpoint.best_model_score
     if score is None:
         score = trainer.callback_metrics[cfg.objective.metric]
+    tracker.log_metrics({best_metric(cfg.objective.metric): float(score)})
     if not cfg.objective.secondary:
         return float(score)
     logged = tracker.client.get_run(tracker.run_id).data.metrics

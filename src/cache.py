@@ -8,12 +8,16 @@ cache compute an entry once and all read the same bytes. A truncated or corrupt 
 recomputed with a warning, never used.
 
 Keys are `fingerprint(...)` of everything that determines the value; `file_digest` hashes data files by content
-(memoised per path, size and mtime), `state_digest` hashes a model's weights, so a renamed file or a same-named
-checkpoint with other weights can never hit the wrong entry.
+(memoised per path, size and mtime), `path_digest` a file or a whole folder, `state_digest` hashes a model's
+weights, so a renamed file or a same-named checkpoint with other weights can never hit the wrong entry.
+
+    python -m src.cache --size              # bytes per namespace under the cache root
+    python -m src.cache --clear [features]  # delete one namespace (or everything)
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -76,14 +80,35 @@ def file_digest(path: str | os.PathLike) -> str:
     return _FILE_DIGESTS[memo]
 
 
+def path_digest(path: str | os.PathLike) -> str:
+    """Content digest of a file, or of a folder (every file's relative path and content, in sorted order)."""
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    return fingerprint([(str(f.relative_to(p)), file_digest(f)) for f in files])
+
+
 def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, values): its weights' identity."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors (BN step counters) cannot view as bytes
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+@dataclass
+class CacheConfig:
+    """The `cache` config block: the on-disk store of derived data (frozen-backbone features, ...)."""
+
+    enabled: bool = True
+    dir: str | None = None  # None: $TRANSFER_LAB_CACHE, else ~/.cache/transfer-lab
+
+    @property
+    def root(self) -> Path:
+        return cache_root(self.dir)
 
 
 @dataclass
@@ -190,3 +215,35 @@ class Cache:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.cache", description="Size or clear the on-disk cache.")
+    parser.add_argument("--dir", help=f"cache root (default: ${CACHE_ENV} or ~/.cache/transfer-lab)")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--size", action="store_true", help="print the bytes each namespace holds")
+    action.add_argument("--clear", nargs="?", const="", metavar="NAMESPACE", help="delete a namespace, or all")
+    args = parser.parse_args(argv)
+    root = cache_root(args.dir)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+    if args.clear is not None:
+        for name in [args.clear] if args.clear else names:
+            Cache(name, root).clear()
+        print(f"cleared {args.clear or 'all namespaces'} under {root}")
+        return
+    sizes = {name: Cache(name, root).size() for name in names}
+    for name, size in sizes.items():
+        print(f"{name:<12} {_human(size):>10}  {root / name}")
+    print(f"{'total':<12} {_human(sum(sizes.values())):>10}  {root}")
+
+
+if __name__ == "__main__":
+    main()

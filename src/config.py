@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from src.cache import CacheConfig
 from src.optim import OptimConfig
 from src.regularization import RegularizationConfig
 from src.schema import ConfigError, check, check_choice
@@ -70,6 +71,14 @@ class TrackingConfig:
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     log_checkpoint: bool = True
+    log_model: bool = True  # log the tested weights as an MLflow pyfunc model `model` (src.serving)
+    register_model: str | None = None  # also register that model in the Model Registry under this name
+
+    def __post_init__(self) -> None:
+        check(
+            self.register_model is None or self.log_model,
+            "register_model: needs log_model=true (only a logged model can be registered)",
+        )
 
 
 FIXED_GROUPS: dict[str, type] = {
@@ -77,6 +86,7 @@ FIXED_GROUPS: dict[str, type] = {
     "optim": OptimConfig,
     "regularization": RegularizationConfig,
     "tracking": TrackingConfig,
+    "cache": CacheConfig,
 }
 
 
@@ -89,10 +99,12 @@ class RunConfig:
     data: Any
     backbone: Any
     finetune: Any
+    adapt: Any
     optim: OptimConfig
     regularization: RegularizationConfig
     trainer: dict[str, Any]
     tracking: TrackingConfig
+    cache: CacheConfig
     ckpt_path: str | None
     resume: str | None  # a run id or "last": continue that stopped run (src.tracking.resume)
     extra: dict[str, Any]  # other top-level keys, e.g. a sweep's settings, passed through untouched
@@ -122,11 +134,14 @@ def _trainer_kwargs(node: DictConfig) -> dict[str, Any]:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Parse every group into its schema; raise `ConfigError` naming the first bad key."""
+    from src.adapt import ADAPT, check_compatible
     from src.backbones import BACKBONES
     from src.data import DATA
     from src.finetune import FINETUNE
 
-    registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE}
+    registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
+    # Defaults that refer to other keys (optim.lr: ${finetune.lr}) are checked as the values they resolve to.
+    cfg = _parse("config", lambda c=cfg: OmegaConf.create(OmegaConf.to_container(c, resolve=True)))
     for key in [*registries, *FIXED_GROUPS, "trainer"]:
         if key not in cfg:
             raise ConfigError(f"{key}: missing config group")
@@ -139,6 +154,8 @@ def validate(cfg: DictConfig) -> RunConfig:
         parsed[key] = _parse(
             key, lambda s=schema, k=key: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(s), cfg[k]))
         )
+    monitor = parsed["objective"].metric
+    _parse("adapt", lambda: check_compatible(parsed["adapt"], parsed["data"], parsed["finetune"], monitor))
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")

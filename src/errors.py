@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ ERROR_LOG = "error.log"
 def exit_code(exc: BaseException) -> int:
     if STOP.signum is not None:
         return 128 + STOP.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return 128 + signal.SIGINT
     return 2 if isinstance(exc, ConfigError) else 1
 
 
@@ -32,7 +35,9 @@ def one_line(exc: BaseException) -> str:
     """What the user reads: the message alone for their own mistakes, the type too for anything else."""
     if STOP.signum is not None:
         return STOP.describe()
-    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted (Ctrl-C)"
+    text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the library wrote
     if isinstance(exc, ConfigError):
         return f"Error: {text}"
     return f"Error: {type(exc).__name__}: {text}"
@@ -44,8 +49,8 @@ def _only_hydra_files(folder: Path) -> bool:
 
 @contextmanager
 def one_clear_answer(output_dir: Path, multirun: bool) -> Iterator[None]:
-    """Turns any exception of the run into one line + an exit code; in a multirun job the exception is re-raised
-    after the line, so the launcher records the failed job and the other jobs go on."""
+    """Turns any exception of the run into one line + an exit code; a failed multirun job only prints its line
+    (its MLflow run and Optuna trial record the failure), so the other jobs go on and the grid's summary runs."""
     try:
         yield
     except SystemExit as e:  # Lightning's SIGTERMException after a graceful stop; else a deliberate exit
@@ -66,9 +71,9 @@ def _report(exc: BaseException, output_dir: Path, multirun: bool) -> None:
     elif output_dir.is_dir():
         log = output_dir / ERROR_LOG
         log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        if not isinstance(exc, ConfigError):
+        if not isinstance(exc, ConfigError) and STOP.signum is None:
             detail = f"\n  (full traceback: {log})"
     print(f"{line}{detail}", file=sys.stderr, flush=True)
     if multirun and STOP.signum is None:
-        raise exc
+        return
     sys.exit(exit_code(exc))

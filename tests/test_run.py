@@ -41,6 +41,13 @@ def test_single_run_is_recorded(single_run: Path) -> None:
     assert len(tags["git_commit"]) == 40
     params = run.data.params
     assert params["optim.lr"] == "0.003" and params["trainer.max_epochs"] == "2" and params["seed"] == "3"
+    assert "None" not in params.values() and "finetune.init_from" not in params, "unset values are omitted"
+    assert run.info.run_name.startswith("full·ep=2·s3·")
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"] and tags["mlflow.user"]
+    assert tags["mlflow.source.name"].startswith("python -m src.run") and "full" in tags["mlflow.note.content"]
+    assert tags["health"] == "ok" and run.data.metrics["best/val/acc"] >= run.data.metrics["val/acc"]
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "digits" and '"num_train": 50' in dataset.dataset.profile
     for key in ("val/acc", "val/f1", "val/auroc", "train/loss", "lr-group-0", "trainable_params"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == [0, 1], key
@@ -81,17 +88,29 @@ def test_crash_is_recorded_as_failed(tmp_path: Path) -> None:
     assert "error.txt" in artifacts
 
 
-def test_multirun_grid_gives_one_run_per_job(tmp_path: Path) -> None:
+def test_multirun_grid_is_one_parent_with_a_child_per_job(tmp_path: Path) -> None:
     proc = run_cli(["-m", "finetune=linear_probe,full", "seed=0,1", "trainer.max_epochs=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = runs(tmp_path)
-    assert len(found) == 4
-    assert all(r.info.status == "FINISHED" for r in found)
-    assert len({r.info.run_name for r in found}) == 4
-    combos = {(r.data.tags["finetune"], r.data.tags["seed"]) for r in found}
-    assert combos == {("linear_probe", "0"), ("linear_probe", "1"), ("full", "0"), ("full", "1")}
-    assert {r.data.tags["job_num"] for r in found} == {"0", "1", "2", "3"}
+    (parent,) = [r for r in found if r.data.tags.get("role") == "grid"]
+    children = [r for r in found if r is not parent]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in found)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert {r.info.run_name for r in children} == {"linear_probe·s0", "linear_probe·s1", "full·s0", "full·s1"}
+    assert parent.info.run_name == "grid·finetune=linear_probe,full·seed=0,1"
+    assert parent.data.params == {
+        "grid.finetune": "linear_probe,full",
+        "grid.seed": "0,1",
+        "fixed.trainer.max_epochs": "1",
+    }
+    best = max(children, key=lambda r: r.data.metrics["best/val/acc"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best/val/acc"] == best.data.metrics["best/val/acc"]
+    summary = Path(client_for(tmp_path).download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read_text()
+    assert summary.count("FINISHED") == 4 and best.info.run_id in summary.splitlines()[2]
+    assert {r.data.tags["job_num"] for r in children} == {"0", "1", "2", "3"}
     assert len({r.data.tags["multirun_dir"] for r in found}) == 1
+    assert f"under parent run {parent.info.run_id}" in proc.stdout and "workflowType=machine_learning" in proc.stdout
 
 
 def _open_run(args: tuple[str, int]) -> str:

@@ -101,14 +101,18 @@ def test_pruning_sweep_records_complete_and_pruned_trials(tmp_path: Path) -> Non
         assert len(history) == epochs[t.number], "the pruned job stopped training early"
         assert t.user_attrs["mlflow_run_id"] == child.info.run_id
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
-    assert parent.data.params["space.optim.lr"] == "log-float[0.0001, 0.3]"
+    assert parent.data.params["sweep.sampler"] == "tpe" and parent.data.params["sweep.pruner"] == "median"
+    assert parent.data.params["sweep.space.optim.lr"] == "log-float[0.0001, 0.3]"
     best = study(tmp_path).best_trial
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.tags["best_trial"] == str(best.number)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {f"plots/{p}.png" for p in ("history", "parallel_coordinate", "param_importances")} <= artifacts
     assert "plots/intermediate_values.png" in artifacts
+    # Trials log their model only while they are the best so far: the winner's is kept, no pruned trial's.
+    with_model = {m.source_run_id for m in client.search_logged_models([parent.info.experiment_id])}
+    assert by_trial[best.number].info.run_id in with_model
+    assert not {by_trial[t.number].info.run_id for t in trials if t.state == TrialState.PRUNED} & with_model
 
 
 def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Optuna-free schema is imported here; Optuna, MLflow and the rest of the project 
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -49,6 +50,9 @@ class OptunaStudySweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        """The study's run; a bad sweep (search space, storage, sampler) ends in one line and exit 2."""
+        from src.errors import one_clear_answer
         from src.sweep.study import StudySweep
 
-        return StudySweep(self.config, self.launcher, self.hydra_context.config_loader, arguments).run()
+        with one_clear_answer(Path(self.config.hydra.sweep.dir), multirun=False):
+            return StudySweep(self.config, self.launcher, self.hydra_context.config_loader, arguments).run()

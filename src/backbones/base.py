@@ -55,11 +55,20 @@ class Preprocessing:
     min_image_size: int = 1  # image: smallest input side the backbone can take
 
 
+State = torch.Tensor | dict[str, torch.Tensor]
+
+
 class Backbone(nn.Module):
     """A pretrained (or randomly initialised) feature extractor.
 
     Subclasses set ``feature_dim`` and ``preprocessing`` and implement ``forward`` (batch dict ->
     ``(B, feature_dim)`` features) and ``layer_groups`` (input -> output, covering every parameter).
+
+    The split API lets the feature cache store what the first ``cut`` layer groups compute and run only the rest:
+    ``forward_from(cut, prefix_output(cut, batch)) == forward(batch)``. Every backbone supports the trivial cut
+    after its last group (the state is the features); a backbone that can also stop and resume between groups
+    lists those cuts in ``cuts()``. A text state is a dict holding ``hidden_states`` (B, L, H) and
+    ``attention_mask`` (B, L), which the cache stores per sample without padding.
     """
 
     feature_dim: int
@@ -70,3 +79,16 @@ class Backbone(nn.Module):
 
     def layer_groups(self) -> list[LayerGroup]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def cuts(self) -> set[int]:
+        """Numbers of leading layer groups after which ``prefix_output``/``forward_from`` can split the forward
+        (callers check a cut against this once, not on every batch)."""
+        return {len(self.layer_groups())}
+
+    def prefix_output(self, cut: int, batch: dict[str, torch.Tensor]) -> State:
+        """What the first ``cut`` layer groups compute for ``batch``; after the last group, the features."""
+        return self(batch)
+
+    def forward_from(self, cut: int, state: State) -> torch.Tensor:
+        """The features, from the output of the first ``cut`` layer groups; after the last group, the state."""
+        return state

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 from omegaconf import MISSING
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import ImageProcessingMixin
+from transformers.masking_utils import create_bidirectional_mask
 
 from src.backbones import BACKBONES
-from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.base import Backbone, LayerGroup, Preprocessing, State
 from src.backbones.groups import check_partition, module_layer_groups
 
 log = logging.getLogger(__name__)
@@ -90,27 +92,59 @@ class HFBackbone(Backbone):
             self.train(was_training)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(**self._inputs(batch), **self._forward_kwargs)
+        return self._pool(out.last_hidden_state, batch.get("attention_mask"), getattr(out, "pooler_output", None))
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.preprocessing.modality == "text":
-            inputs = {k: batch[k] for k in TEXT_INPUTS if k in batch}
-        else:
-            inputs = {"pixel_values": batch["pixel_values"]}
-        out = self.model(**inputs, **self._forward_kwargs)
-        hidden = out.last_hidden_state
+            return {k: batch[k] for k in TEXT_INPUTS if k in batch}
+        return {"pixel_values": batch["pixel_values"]}
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         if hidden.ndim == 4:  # CNN feature map (B, C, H, W)
-            pooled = getattr(out, "pooler_output", None)
             if self.pooling == "cls" and pooled is not None:
                 return pooled.flatten(1)
             return hidden.mean(dim=(2, 3))
         if self.pooling == "cls":
             return hidden[:, 0]
-        mask = batch.get("attention_mask") if self.preprocessing.modality == "text" else None
-        if mask is None:
+        if mask is None or self.preprocessing.modality != "text":
             return hidden.mean(dim=1)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
     def layer_groups(self) -> list[LayerGroup]:
         return module_layer_groups(self.model)
+
+    def _text_blocks(self) -> nn.ModuleList | None:
+        """BERT-likes (groups ``embeddings``, ``encoder.layer.i``[, ``pooler``]): the blocks the split API steps
+        through; None for other models, which support only the cut after the last group."""
+        blocks = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if self.preprocessing.modality != "text" or not isinstance(blocks, nn.ModuleList):
+            return None
+        names = [g.name for g in self.layer_groups()]
+        expected = ["embeddings", *(f"encoder.layer.{i}" for i in range(len(blocks)))]
+        return blocks if names in (expected, [*expected, "pooler"]) else None
+
+    def cuts(self) -> set[int]:
+        """BERT-likes also split after the embeddings and after every block: the state is the hidden states."""
+        n = len(self.layer_groups())
+        blocks = self._text_blocks()
+        return {n} | ({c for c in range(1, len(blocks) + 2) if c < n} if blocks is not None else set())
+
+    def prefix_output(self, cut: int, batch: dict[str, torch.Tensor]) -> State:
+        if cut == len(self.layer_groups()):
+            return self(batch)
+        out = self.model(**self._inputs(batch), output_hidden_states=True)
+        return {"hidden_states": out.hidden_states[cut - 1], "attention_mask": batch["attention_mask"]}
+
+    def forward_from(self, cut: int, state: State) -> torch.Tensor:
+        if isinstance(state, torch.Tensor):  # the cut after the last group: the features themselves
+            return state
+        hidden, mask = state["hidden_states"], state["attention_mask"]
+        attention = create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask)
+        for block in self._text_blocks()[cut - 1 :]:
+            hidden = block(hidden, attention)
+        return self._pool(hidden, mask, None)
 
 
 def _modality(model: PreTrainedModel) -> str:

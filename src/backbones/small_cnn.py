@@ -84,14 +84,32 @@ class SmallCNN(Backbone):
         # Set when the weights come from digits pretraining: source accuracy, cache path, whether it was cached.
         self.pretrain_info: dict[str, Any] | None = None
 
+    def _stages(self) -> list[nn.Module]:
+        return [self.stem, *self.block]  # = the layer groups, in order
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = self.stem(batch["pixel_values"])
-        for block in self.block:
-            x = block(x)
-        return x.mean(dim=(2, 3))
+        return self.forward_from(0, batch["pixel_values"])
 
     def layer_groups(self) -> list[LayerGroup]:
         return module_layer_groups(self)
+
+    def cuts(self) -> set[int]:
+        return set(range(1, len(self._stages()) + 1))
+
+    def prefix_output(self, cut: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The feature map after the first ``cut`` stages (pooled features after the last)."""
+        x = batch["pixel_values"]
+        for stage in self._stages()[:cut]:
+            x = stage(x)
+        return x.mean(dim=(2, 3)) if cut == len(self._stages()) else x
+
+    def forward_from(self, cut: int, state: torch.Tensor) -> torch.Tensor:
+        stages = self._stages()
+        if cut == len(stages):
+            return state
+        for stage in stages[cut:]:
+            state = stage(state)
+        return state.mean(dim=(2, 3))
 
 
 def _settings(cfg: SmallCNNConfig) -> dict[str, Any]:

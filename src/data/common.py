@@ -7,14 +7,15 @@ the same thing for every dataset, so runs are comparable across data modules.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from src.cache import fingerprint, path_digest
 from src.schema import ConfigError, blame
 
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
@@ -30,6 +31,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # None: same as batch_size
     num_workers: int = 0
     max_train_samples: int | None = None  # seeded random subset of the training split (seed = run seed)
+    max_train_per_class: int | None = None  # seeded per-class cap on the training split (learning curves)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -40,6 +42,14 @@ class DataConfig:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples: must be >= 1 or null, got {self.max_train_samples}")
+        if self.max_train_per_class is not None and self.max_train_per_class < 1:
+            raise ValueError(f"max_train_per_class: must be >= 1 or null, got {self.max_train_per_class}")
+
+    @property
+    def has_target(self) -> bool:
+        """Whether the config defines a target domain for domain adaptation (data modules that support one
+        override this)."""
+        return False
 
 
 def check_path(key: str, path: str | None, directory: bool = False) -> None:
@@ -58,6 +68,22 @@ def check_fraction(field_name: str, value: float) -> None:
     """Validation split fractions must leave something on both sides."""
     if not 0.0 < value < 1.0:
         raise ValueError(f"{field_name}: must be in (0, 1), got {value}")
+
+
+def read_label_names(key: str, value: str | list[Any]) -> list[str]:
+    """Class names in index order: a list, or a text file with one name per line (AG News' ``classes.txt``)."""
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{key}: no such file {value!r} (a list of names or a file with one name per line)")
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    else:
+        names = [str(name) for name in value]
+    if len(names) < 2:
+        raise ValueError(f"{key}: need at least 2 class names, got {names}")
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"{key}: duplicate class name(s) {duplicates}")
+    return names
 
 
 def seeded_subset(n: int, k: int | None, seed: int) -> np.ndarray:
@@ -93,14 +119,44 @@ def fraction_split(labels: Sequence[Hashable], fraction: float, seed: int) -> tu
     return train, val
 
 
+class Unlabelled(Dataset):
+    """A dataset's items without their labels: all that domain adaptation may see of the target domain."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {k: v for k, v in self.dataset[index].items() if k != "labels"}
+
+
+# What the target domain is used for (set by the adaptation method, see src/adapt): "eval" = evaluation only,
+# "adapt" = unlabelled target batches beside the labelled source batches, "oracle" = supervised training on the
+# labelled target images (the upper bound).
+TARGET_ROLES = ("eval", "adapt", "oracle")
+
+
+def source_loader(loader: Any) -> Any:
+    """The labelled source loader of what `train_dataloader` returns (a dict of loaders when adapting)."""
+    return loader["source"] if isinstance(loader, dict) else loader
+
+
 class ClassificationDataModule(pl.LightningDataModule):
     """Loaders and setup bookkeeping; subclasses implement ``_build`` to produce the splits and class names.
 
     ``setup`` is idempotent (Lightning calls it again after the user did), and ``num_classes``,
     ``class_names`` and ``label_mapping`` are valid once it has run.
+
+    A target domain (domain adaptation) is two more splits: ``target_train`` (items may carry labels, which only
+    an oracle run trains on) and optionally ``target_test`` (labelled, evaluation only); ``target_role`` says
+    what training uses of them.
     """
 
     modality: str  # the Preprocessing.modality this data module can feed
+    # How samples are batched and stored, not what they are: left out of `identity`.
+    NOT_SAMPLES = ("batch_size", "eval_batch_size", "num_workers", "cache", "cache_dir")
 
     def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, seed: int) -> None:
         if preprocessing.modality != self.modality:
@@ -116,6 +172,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.label_mapping: dict[str, int] = {}
         self._splits: dict[str, Dataset] = {}
         self.collate_fn: Callable[[list[Any]], Any] | None = None  # None: torch's default_collate
+        self.target_role = "eval"  # one of TARGET_ROLES
 
     @property
     def num_classes(self) -> int:
@@ -124,28 +181,67 @@ class ClassificationDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     def _build(self) -> tuple[dict[str, Dataset], list[str]]:  # pragma: no cover - abstract
-        """Return ``{"train", "val"[, "test"]}`` datasets and the class names (index order).
+        """Return ``{"train", "val"[, "test"][, "target_train"[, "target_test"]]}`` datasets and the class names.
 
         The train split must already be restricted to ``train_indices`` (done by the subclass, before any
         per-sample work such as tokenisation).
         """
         raise NotImplementedError
 
-    def train_indices(self, n: int) -> np.ndarray:
-        """Indices of the seeded ``max_train_samples`` subset of an ``n``-sample training split."""
+    @property
+    def train_augmented(self) -> bool:
+        """Whether the training split draws random transforms per sample (then its samples differ every epoch)."""
+        return False
+
+    def identity(self) -> dict[str, Any]:
+        """What determines every split's samples, for cache keys (call after `setup`): the config without loader
+        and cache knobs, the content digest of every file or folder it names, the class names, each split's labels
+        and the seed (subsets, splits)."""
+        fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_SAMPLES}
+        files = {k: path_digest(v) for k, v in fields.items() if isinstance(v, str) and Path(v).exists()}
+        labels = {
+            split: fingerprint([int(y) for y in data.labels])
+            for split, data in self._splits.items()
+            if getattr(data, "labels", None) is not None  # unlabelled target tables have none
+        }
+        return {
+            "module": type(self).__name__,
+            "config": fields,
+            "files": files,
+            "classes": self.class_names,
+            "labels": labels,
+            "seed": self.seed,
+        }
+
+    @property
+    def splits(self) -> dict[str, Dataset]:
+        """The datasets by split name (after `setup`); the feature cache replaces or wraps them."""
+        return self._splits
+
+    def train_indices(self, labels: Sequence[Hashable]) -> np.ndarray:
+        """Indices into a training split (given by its labels) of its seeded subset: at most
+        ``max_train_per_class`` examples of each class, then ``max_train_samples`` in all."""
+        keep = np.arange(len(labels))
+        if self.cfg.max_train_per_class is not None:
+            cap = self.cfg.max_train_per_class
+            keep = stratified_split(labels, lambda n: [min(cap, n)], self.seed)[0]
+        n = len(keep)
         if self.cfg.max_train_samples is not None and self.cfg.max_train_samples > n:
             raise ConfigError(
                 f"data.max_train_samples: {self.cfg.max_train_samples} asked, but the training split has only {n} "
                 "examples; lower it or set it to null (all)"
             )
-        return seeded_subset(n, self.cfg.max_train_samples, self.seed)
+        return keep[seeded_subset(n, self.cfg.max_train_samples, self.seed)]
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the splits once, and refuses data that cannot train a classifier before any compute."""
         if self._splits:
             return
-        with blame(f"data ({self.cfg.name})"):
-            splits, class_names = self._build()
+        try:
+            with blame(f"data ({self.cfg.name})"):
+                splits, class_names = self._build()
+        except ConfigError as e:  # readers name their key (train_path: ...); the user knows it as data.<key>
+            raise ConfigError(str(e) if str(e).startswith("data") else f"data.{e}") from e
         if len(class_names) < 2:
             raise ConfigError(
                 f"data ({self.cfg.name}): the training data has {len(class_names)} class(es) {class_names}; "
@@ -158,25 +254,58 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.label_mapping = {name: i for i, name in enumerate(self.class_names)}
         self._splits = splits
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    @property
+    def has_target(self) -> bool:
+        return "target_train" in self._splits
+
+    def _split(self, split: str) -> Dataset:
         if not self._splits:
             raise RuntimeError(f"{type(self).__name__}: call setup() before requesting dataloaders")
+        return self._splits[split]
+
+    def _loader(self, dataset: Dataset, train: bool = False, num_samples: int | None = None) -> DataLoader:
+        """`num_samples`: draw that many training items (cycling through the dataset) instead of one pass."""
         batch_size = self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size)
+        sampler = RandomSampler(dataset, num_samples=num_samples) if num_samples is not None else None
         return DataLoader(
-            self._splits[split],
+            dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
             collate_fn=self.collate_fn,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+    def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
+        """The labelled source batches; when adapting, a dict that adds as many unlabelled target batches
+        (``{"source": ..., "target": ...}``, which Lightning zips); in an oracle run the labelled target batches."""
+        if self.target_role not in TARGET_ROLES:
+            raise ValueError(f"target_role: must be one of {', '.join(TARGET_ROLES)}; got {self.target_role!r}")
+        if self.target_role != "eval" and not self.has_target:
+            raise ValueError(f"data '{self.cfg.name}': target_role={self.target_role!r} needs a target domain")
+        if self.target_role == "oracle":
+            target = self._split("target_train")
+            if "labels" not in target[0]:
+                raise ValueError(f"data '{self.cfg.name}': adapt=oracle trains on target labels, the target has none")
+            return self._loader(target, train=True)
+        source = self._loader(self._split("train"), train=True)
+        if self.target_role == "eval":
+            return source
+        target = Unlabelled(self._split("target_train"))
+        return {"source": source, "target": self._loader(target, True, len(source) * self.cfg.batch_size)}
+
+    def target_dataloaders(self) -> dict[str, DataLoader]:
+        """Evaluation loaders of the target domain: ``unlabelled`` (the target training images without labels,
+        for label-free model selection) and ``test`` (labelled, for target metrics) when there is one."""
+        out = {"unlabelled": self._loader(Unlabelled(self._split("target_train")))}
+        if "target_test" in self._splits:
+            out["test"] = self._loader(self._split("target_test"))
+        return out
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader(self._split("val"))
 
     def test_dataloader(self) -> DataLoader:
         """The test split when the dataset has one, else the validation split."""
-        return self._loader("test" if "test" in self._splits else "val")
+        return self._loader(self._split("test" if "test" in self._splits else "val"))

@@ -7,11 +7,13 @@ seconds on a CPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from sklearn.datasets import load_digits
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from src.data import DATA
@@ -22,6 +24,10 @@ if TYPE_CHECKING:  # no runtime import: src.backbones imports this module (small
     from src.backbones.base import Preprocessing
 
 DIGITS_SIZE = 8
+# Built-in target domains for domain adaptation: the same digits, shifted.
+TARGET_SHIFTS = ("invert", "rotate", "noise")
+ROTATION_DEGREES = 30.0
+NOISE_STD = 0.35
 
 
 def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +44,7 @@ class DigitsConfig(DataConfig):
     target_classes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # re-indexed 0..k-1 in order
     labels_per_class: int = 10  # labelled target training images per class (few-shot)
     val_per_class: int = 20  # validation images per target class; the rest of the target images are test
+    target_shift: str | None = None  # domain adaptation: invert | rotate | noise (a shifted target domain)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +60,30 @@ class DigitsConfig(DataConfig):
             raise ValueError(f"labels_per_class: must be >= 1, got {self.labels_per_class}")
         if self.val_per_class < 1:
             raise ValueError(f"val_per_class: must be >= 1, got {self.val_per_class}")
+        if self.target_shift is not None and self.target_shift not in TARGET_SHIFTS:
+            raise ValueError(
+                f"target_shift: must be one of {', '.join(TARGET_SHIFTS)} or null, got {self.target_shift!r}"
+            )
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_shift is not None
+
+
+def shift_images(images: torch.Tensor, shift: str, seed: int) -> torch.Tensor:
+    """The target domain: ``(N, 1, H, W)`` images in [0, 1] with inverted intensities, rotated by
+    ``ROTATION_DEGREES`` (bilinear), or with seeded Gaussian noise of std ``NOISE_STD`` (clipped to [0, 1])."""
+    if shift == "invert":
+        return 1.0 - images
+    if shift == "rotate":
+        angle = math.radians(ROTATION_DEGREES)
+        rotation = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]])
+        grid = F.affine_grid(rotation.expand(len(images), 2, 3), list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if shift == "noise":
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * NOISE_STD
+        return (images + noise).clamp(0.0, 1.0)
+    raise ValueError(f"unknown target shift {shift!r}; choose one of {', '.join(TARGET_SHIFTS)}")
 
 
 class TransformedImages(Dataset):
@@ -81,7 +112,11 @@ def digits_transform(preprocessing: Preprocessing) -> Transform:
 
 @DATA.register("digits", DigitsConfig)
 class DigitsDataModule(ClassificationDataModule):
-    """Target digits, per class and seeded: ``labels_per_class`` train, ``val_per_class`` val, rest test."""
+    """Target digits, per class and seeded: ``labels_per_class`` train, ``val_per_class`` val, rest test.
+
+    With a ``target_shift`` (domain adaptation) the rest is the shifted target domain instead: half of it per class
+    is ``target_train`` (its labels reach training only in an oracle run), half ``target_test``; test = val then.
+    """
 
     modality = "image"
     cfg: DigitsConfig
@@ -95,10 +130,14 @@ class DigitsDataModule(ClassificationDataModule):
         train, val, test = stratified_split(
             labels.tolist(), lambda n: [self.cfg.labels_per_class, self.cfg.val_per_class], self.seed
         )
-        train = train[self.train_indices(len(train))]
+        train = train[self.train_indices(labels[train].tolist())]
         transform = digits_transform(self.preprocessing)
-        splits = {
-            split: TransformedImages(images[idx], labels[idx], transform)
-            for split, idx in (("train", train), ("val", val), ("test", test))
-        }
+        parts = {"train": (images, train), "val": (images, val)}
+        if self.cfg.target_shift is None:
+            parts["test"] = (images, test)
+        else:
+            shifted = shift_images(images, self.cfg.target_shift, self.seed)
+            halves = stratified_split(labels[test].tolist(), lambda n: [n // 2], self.seed)
+            parts |= {"target_train": (shifted, test[halves[0]]), "target_test": (shifted, test[halves[1]])}
+        splits = {split: TransformedImages(x[idx], labels[idx], transform) for split, (x, idx) in parts.items()}
         return splits, [str(digit) for digit in self.cfg.target_classes]

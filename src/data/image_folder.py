@@ -24,7 +24,14 @@ from torch.utils.data import Dataset
 
 from src.cache import Cache, file_digest, fingerprint
 from src.data import DATA
-from src.data.common import ClassificationDataModule, DataConfig, check_fraction, check_path, fraction_split
+from src.data.common import (
+    ClassificationDataModule,
+    DataConfig,
+    check_fraction,
+    check_path,
+    fraction_split,
+    read_label_names,
+)
 from src.data.transforms import (
     CenterCrop,
     Compose,
@@ -50,23 +57,42 @@ class ImageFolderConfig(DataConfig):
     train_dir: str = MISSING  # required
     val_dir: str | None = None  # None: a seeded stratified val_fraction of train_dir
     test_dir: str | None = None  # None: test on the validation split
+    target_dir: str | None = None  # domain adaptation: unlabelled target-domain images (any layout under it)
+    target_test_dir: str | None = None  # labelled target-domain class folders, for evaluation only
     val_fraction: float = 0.2
     image_size: int | None = None  # None: the backbone's preprocessing.image_size, else 224
     hflip: bool = True  # random horizontal flip, training split only
     cache_images: bool = True  # decoded, resized images in memory + disk cache (uint8: 3 * image_size**2 bytes each)
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
+    label_names: Any = None  # class names for the sorted sub-folders, in that order: a list or a file; None: folders
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.train_dir == MISSING:
             raise ValueError(f"train_dir: required, got {self.train_dir!r}")
         check_fraction("val_fraction", self.val_fraction)
-        for key in ("train_dir", "val_dir", "test_dir"):
+        for key in ("train_dir", "val_dir", "test_dir", "target_dir", "target_test_dir"):
             check_path(key, getattr(self, key), directory=True)
+        if self.target_test_dir is not None and self.target_dir is None:
+            raise ValueError("target_test_dir: needs target_dir (the unlabelled target training images) too")
+        suffixes = {"." + ext.lower().lstrip(".") for ext in self.extensions}
+        for key in ("target_dir", "target_test_dir"):  # the target must be the same kind of input as the source
+            root = getattr(self, key)
+            if root is not None and not any(p.suffix.lower() in suffixes for p in Path(root).rglob("*")):
+                raise ValueError(
+                    f"{key}: no files with extensions {sorted(suffixes)} under {root} (the target domain must be "
+                    "images, like the source)"
+                )
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size: must be >= 1 or null, got {self.image_size}")
         if not self.extensions:
             raise ValueError(f"extensions: must list at least one file extension, got {self.extensions}")
+        if self.label_names is not None:
+            read_label_names("label_names", self.label_names)
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_dir is not None
 
 
 def scan_folder(
@@ -166,7 +192,7 @@ class ImageFiles(Dataset):
     """
 
     def __init__(
-        self, files: list[Path], labels: list[int], decode: ImageDecoder, transform: Transform, cache: bool
+        self, files: list[Path], labels: list[int] | None, decode: ImageDecoder, transform: Transform, cache: bool
     ) -> None:
         self.files, self.labels, self.decode, self.transform = files, labels, decode, transform
         self.cached: torch.Tensor | None = None
@@ -182,7 +208,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pixels = self.cached[index] if self.cached is not None else self.decode(self.files[index])
-        return {"pixel_values": self.transform(pixels.float() / 255), "labels": self.labels[index]}
+        item = {"pixel_values": self.transform(pixels.float() / 255)}
+        return item if self.labels is None else {**item, "labels": self.labels[index]}
 
 
 @DATA.register("image_folder", ImageFolderConfig)
@@ -205,7 +232,11 @@ class ImageFolderDataModule(ClassificationDataModule):
             )
         self.decoder = ImageDecoder(mode, round(self.image_size / preprocessing.crop_pct), self.image_size)
 
-    def _dataset(self, files: list[Path], labels: list[int], train: bool) -> ImageFiles:
+    @property
+    def train_augmented(self) -> bool:
+        return self.cfg.hflip
+
+    def _dataset(self, files: list[Path], labels: list[int] | None, train: bool) -> ImageFiles:
         transform = image_transform(self.preprocessing, hflip=train and self.cfg.hflip)
         return ImageFiles(files, labels, self.decoder, transform, self.cfg.cache_images)
 
@@ -231,11 +262,37 @@ class ImageFolderDataModule(ClassificationDataModule):
         else:
             train_idx = np.arange(len(files))
             val = self._dataset(*self._scan("val_dir", class_names), train=False)
-        train_idx = train_idx[self.train_indices(len(train_idx))]
+        train_idx = train_idx[self.train_indices(labels[train_idx].tolist())]
         splits: dict[str, Dataset] = {
             "train": self._dataset([files[i] for i in train_idx], labels[train_idx].tolist(), train=True),
             "val": val,
         }
         if self.cfg.test_dir is not None:
             splits["test"] = self._dataset(*self._scan("test_dir", class_names), train=False)
-        return splits, class_names
+        if self.cfg.target_dir is not None:
+            splits["target_train"] = self._dataset(*self._scan_target(class_names), train=True)
+        if self.cfg.target_test_dir is not None:
+            splits["target_test"] = self._dataset(*self._scan("target_test_dir", class_names), train=False)
+        return splits, self._display_names(class_names)
+
+    def _scan_target(self, class_names: list[str]) -> tuple[list[Path], list[int] | None]:
+        """The unlabelled target images: every image under ``target_dir``; labelled (for an oracle run only) when
+        they all sit in class folders named like the train classes."""
+        root = Path(self.cfg.target_dir)
+        suffixes = {"." + ext.lower().lstrip(".") for ext in self.cfg.extensions}
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
+        labelled = all(f in class_names for f in folders)
+        return files, [class_names.index(f) for f in folders] if labelled else None
+
+    def _display_names(self, folders: list[str]) -> list[str]:
+        """``label_names`` (one per class folder, in sorted-folder order) when given, else the folder names."""
+        if self.cfg.label_names is None:
+            return folders
+        names = read_label_names("label_names", self.cfg.label_names)
+        if len(names) != len(folders):
+            raise ConfigError(
+                f"label_names: {len(names)} names for the {len(folders)} class folders of train_dir "
+                f"{self.cfg.train_dir} {folders}; give one name per folder, in this order"
+            )
+        return names

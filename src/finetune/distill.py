@@ -29,7 +29,7 @@ from src.backbones import BACKBONES, Backbone, Preprocessing
 from src.finetune.init import resolve_checkpoint
 from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
 from src.metrics import classification_metrics, update
-from src.module import ClassifierHead
+from src.module import TEACHER_LOGITS, ClassifierHead
 from src.schema import check
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class Classifier(nn.Module):
         self.eval()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if TEACHER_LOGITS in batch:  # precomputed by the feature cache (src.features)
+            return batch[TEACHER_LOGITS]
         return self.head(self.backbone(batch))
 
 
@@ -193,3 +195,6 @@ class Distill(Strategy):
 
     def callbacks(self) -> list[pl.Callback]:
         return [*super().callbacks(), TeacherReport(self.teacher)]
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        return {TEACHER_LOGITS: self.teacher}

@@ -113,6 +113,7 @@ class Lora(Strategy):
     """Base weights frozen (bit-identical after training), LoRA adapters + the new head train."""
 
     cfg: LoraFinetuneConfig
+    frozen_groups_fixed = False  # adapters train inside every group: nothing to cache
     trains_backbone = False  # whole groups stay frozen; the adapters inside them train
 
     def prepare(self, backbone: Backbone) -> Backbone:

@@ -1,6 +1,7 @@
 """The linear probe as Kumar et al. (2022) fit it for LP-FT: logistic regression to convergence on frozen features.
 
-Features are extracted once, with the whole model in eval mode (no dropout), so the probe costs one forward pass
+Features are extracted once, with the whole model in eval mode (no dropout) -- or read from the feature cache
+(`src.features`), which computed them the same way -- so the probe costs one forward pass
 over the training set instead of epochs of gradient steps through the frozen backbone; L-BFGS then fits the
 head's final linear layer exactly. Under DDP every rank gathers all ranks' features and fits the same head.
 """
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from src.data.common import source_loader
+
 
 def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features and labels of the training batches an epoch sees (this rank's shard; `limit_train_batches`
@@ -24,12 +27,12 @@ def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
     features, labels = [], []
     n = trainer.num_training_batches
     total = int(n) if math.isfinite(n) else None
-    batches = islice(trainer.train_dataloader, total)  # total None: the whole loader
+    batches = islice(source_loader(trainer.train_dataloader), total)  # total None: the whole loader
     quiet = trainer.progress_bar_callback is None or not trainer.is_global_zero
     with torch.no_grad():
         for batch in tqdm(batches, desc="LP-FT probe: features", total=total, disable=quiet, leave=False):
             batch = trainer.strategy.batch_to_device(batch)
-            features.append(pl_module.backbone(batch).float())
+            features.append(pl_module.features(batch, use_frozen=True).float())  # cached features, if any
             labels.append(batch["labels"])
     pl_module.train(was_training)
     return torch.cat(features), torch.cat(labels)

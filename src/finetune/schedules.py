@@ -145,6 +145,10 @@ class LpFt(Strategy):
     of head-only training at a large LR, or (`probe_fit`) the paper's logistic regression on features extracted
     once, which costs one forward pass and lets every epoch fine-tune (`probe_epochs: 0`)."""
 
+    @property
+    def extracts_features(self) -> bool:
+        return self.cfg.probe_fit
+
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         return set() if epoch < self.cfg.probe_epochs else set(range(n_groups))
 

@@ -50,6 +50,12 @@ class Strategy:
 
     pretrained: bool = True
     ce_weight: float = 1.0  # weight of the cross-entropy term (distillation gives the rest to its KL term)
+    # Whether a layer group outside `trainable_groups` computes exactly its pretrained function, so the feature
+    # cache may store its output (False for LoRA: adapters train inside "frozen" groups).
+    frozen_groups_fixed: bool = True
+    # Whether the strategy reads the frozen backbone's features of the training set (LP-FT's fitted probe).
+    extracts_features: bool = False
+
     trains_backbone: bool = True  # False where the backbone is frozen by design (linear_probe; lora's adapters)
 
     def __init__(self, cfg: FinetuneConfig, client: MlflowClient | None = None) -> None:
@@ -78,6 +84,11 @@ class Strategy:
 
     def callbacks(self) -> list[pl.Callback]:
         return [FreezeSchedule(self)]
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        """Frozen models whose per-sample outputs the feature cache may precompute, by the batch key they fill
+        (distillation's teacher); none by default."""
+        return {}
 
     def check(self, n_groups: int, epochs: int | None) -> None:
         """Before compute: a schedule under which no layer group trains within the run would be a linear probe

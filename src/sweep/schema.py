@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from src.schema import ConfigError
 
-class SweepError(ValueError):
+
+class SweepError(ConfigError):
     """A sweep definition that cannot run; the message names the offending key."""
 
 

@@ -35,6 +35,7 @@ from src.sweep.storage import Heartbeat, display_url, open_storage, resolve
 from src.sweep.tracking import StudyRun, study_params
 from src.sweep.trial import ERROR_ATTR, ROLE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking.mlflow_run import git_commit
+from src.tracking.summary import summarize_children
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class StudySweep:
             parent.sync_children(study)
             parent.log_progress(study, self.metrics)
             parent.log_results(study, self.metrics)
+            summarize_children(parent, objective.metric, objective.direction)  # table, best trial's run, terminal
         return returns
 
     def next_batch(self, study: optuna.Study, parent: StudyRun, n_jobs: int) -> list[optuna.Trial] | None:
@@ -228,7 +230,7 @@ class StudySweep:
                 with open_dict(job_cfg):
                     del job_cfg["hydra"]
                 validate(job_cfg)
-            except (ConfigError, SweepError, HydraException, OmegaConfBaseException) as e:
+            except (ConfigError, HydraException, OmegaConfBaseException) as e:
                 fail(study, trial._trial_id, f"invalid config: {e}")
                 continue
             jobs.append(overrides)

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from src.sweep.config import describe
 from src.sweep.schema import SweepConfig
-from src.sweep.trial import ROLE_TAG, STATE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
+from src.sweep.trial import MLFLOW_RUN_ATTR, ROLE_TAG, STATE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking import MLflowRun
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ class StudyRun(MLflowRun):
             best = study.best_trials
             if len(metrics) == 1:
                 progress["best_value"] = best[0].value
-                self.set_tags({"best_trial": best[0].number, **{f"best.{k}": v for k, v in best[0].params.items()}})
+                run_id = best[0].user_attrs.get(MLFLOW_RUN_ATTR, "")
+                params = {f"best.{k}": v for k, v in best[0].params.items()}
+                self.set_tags({"best_trial": best[0].number, "best_trial_run_id": run_id, **params})
             else:
                 progress["pareto_front_size"] = float(len(best))
         self.log_metrics(progress, step=finished)
@@ -146,8 +148,9 @@ def study_params(
     when: Mapping[str, Mapping[str, list[Any]]],
     **more: Any,
 ) -> dict[str, str]:
-    """Flat MLflow params of a sweep: sampler and pruner with their arguments (`sampler.multivariate`, ...),
-    `space.<key>` per dimension (with its condition), the run-time settings, and `more` (storage, n_trials...)."""
+    """Flat MLflow params of a sweep, all under `sweep.` so they never read as a run's own (`seed`, ...): sampler
+    and pruner with their arguments (`sweep.sampler.multivariate`, ...), `sweep.space.<key>` per dimension (with
+    its condition), the run-time settings, and `more` (storage, n_trials...)."""
     out = {
         f"space.{k}": describe(d) + "".join(f" if {c} in {v}" for c, v in when.get(k, {}).items())
         for k, d in space.items()
@@ -158,4 +161,4 @@ def study_params(
         out |= {f"{role}.{k}": str(v) for k, v in settings.kwargs.get(name, {}).items()}
     for key in ("seed", "max_retry", "heartbeat_interval", "grace_period"):
         out[key] = str(getattr(settings, key))
-    return out | {k: str(v) for k, v in more.items()}
+    return {f"sweep.{k}": v for k, v in (out | {k: str(v) for k, v in more.items()}).items()}

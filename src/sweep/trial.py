@@ -78,9 +78,26 @@ class JobTrial:
         self.objective = objective
         self.pruning: PruningCallback | None = None
         self.values: list[float] | None = None
+        self.study: optuna.Study | None = None
 
     def callbacks(self) -> list[pl.Callback]:
         return [self.pruning] if self.pruning else []
+
+    def keeps_model(self, value: float | Sequence[float]) -> bool:
+        """Whether the run logs its model: always outside sweeps; a trial only while no completed trial beats it
+        (dominates it, with secondary objectives). The final best trial always does (nothing completed before it
+        beat it), so a sweep keeps its winner's model at the cost of a few, not one per trial."""
+        if self.study is None:
+            return self.settings is None
+        if self.pruning is not None and self.pruning.pruned:
+            return False
+        signs = [1.0 if d == "maximize" else -1.0 for d in self.objective.directions]
+        mine = [s * float(v) for s, v in zip(signs, value if isinstance(value, Sequence) else [value], strict=True)]
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            theirs = [s * v for s, v in zip(signs, trial.values, strict=True)]
+            if all(t >= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:
+                return False
+        return True
 
     def complete(self, value: float | Sequence[float]) -> float | Sequence[float]:
         """Record the run's objective value(s) for the trial; returns them unchanged."""
@@ -115,6 +132,7 @@ class JobTrial:
         if not is_zero:
             yield self
             return
+        self.study = study
         storage.set_trial_user_attr(trial_id, MLFLOW_RUN_ATTR, tracker.run_id)
         tracker.set_tags({STATE_TAG: "RUNNING"})  # the sweeper's overrides gave the run its trial and study tags
         try:

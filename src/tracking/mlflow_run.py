@@ -12,7 +12,6 @@ import os
 import subprocess
 import time
 import traceback
-import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -29,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from src.config import TrackingConfig
 from src.signals import STOP, Stopped
 from src.tracking.liveness import Heartbeat, process_tags, reap_dead_runs
+from src.tracking.plots import plt
 
 MAX_PARAM_LENGTH = 6000
 
@@ -45,10 +45,12 @@ def resolve_uri(uri: str, base: Path) -> str:
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """`{"optim": {"lr": 1e-3}}` -> `{"optim.lr": "0.001"}`; lists stay one JSON-ish value."""
+    """`{"optim": {"lr": 1e-3}}` -> `{"optim.lr": "0.001"}`; lists stay one JSON-ish value; None values omitted."""
     out: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
+        if value is None:  # unset: omitted, never the string "None"
+            continue
         if isinstance(value, Mapping) and value:
             out.update(flatten(value, f"{name}."))
         else:
@@ -64,11 +66,6 @@ def git_commit(cwd: Path) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def unique_name(stem: str) -> str:
-    """Readable and unique: uuid4 draws from os.urandom, so seeding the RNGs cannot repeat names."""
-    return f"{stem}-{uuid.uuid4().hex[:6]}"
 
 
 def store_lock(uri: str) -> AbstractContextManager:
@@ -160,7 +157,9 @@ class MLflowRun:
         self.log_text(json.dumps(data, indent=2, default=str), name)
 
     def log_figure(self, figure: Any, name: str) -> None:
+        """Logs, then closes the figure: pyplot keeps every figure alive, so runs in one process would pile them up."""
         self.client.log_figure(self.run_id, figure, name)
+        plt.close(figure)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -1,0 +1,5 @@
+import sys
+
+from src.compare.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""Every multirun is grouped: a grid (`-m finetune=a,b,c seed=0,1`) gets a parent MLflow run, like an Optuna sweep
+does, that holds the grid's definition and, at the end, a summary table of its children and the best of them; the
+terminal then says where everything went.
+
+A Hydra callback (`hydra.callbacks` in conf/hydra/default.yaml) opens the parent before the first job and writes
+`multirun.json` into the sweep folder; each job reads it to nest under the parent and name itself by what varies
+across the grid. Files, not process state, so every launcher (basic, joblib, submitit/SLURM) behaves the same.
+Optuna sweeps have their own parent (src/sweep/tracking.py) and are left alone here.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_USER
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "multirun.json"
+ROLE_TAG = "role"  # "grid" on a grid's parent run
+
+
+@dataclass
+class MultirunInfo:
+    parent_run_id: str
+    varying: list[str]  # the override keys the grid sweeps over
+
+
+def read(multirun_dir: str | None) -> MultirunInfo | None:
+    if multirun_dir is None or not (path := Path(multirun_dir, INFO_FILE)).is_file():
+        return None
+    return MultirunInfo(**json.loads(path.read_text()))
+
+
+def grid_dimensions(overrides: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The command line's overrides split into swept (`finetune=a,b`) and fixed ones, as key -> text."""
+    swept, fixed = {}, {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        (swept if override.is_sweep_override() else fixed)[key] = override.input_line.split("=", 1)[1]
+    return swept, fixed
+
+
+class GridParent(Callback):
+    """Opens the grid's parent run at multirun start; closes it with the summary at multirun end."""
+
+    def __init__(self) -> None:
+        self.run: Any = None
+        self.objective: dict[str, str] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna_study" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
+            return
+        from src.config import TrackingConfig
+        from src.tracking import naming
+        from src.tracking.mlflow_run import MLflowRun, git_commit
+
+        swept, fixed = grid_dimensions(list(config.hydra.overrides.task))
+        tracking = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking))
+        tracking.parent_run_id, tracking.run_name = None, None
+        sweep_dir = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
+        name = naming.SEP.join(["grid", *(f"{k}={v}" for k, v in swept.items())])
+        commit = git_commit(Path(__file__).parent)
+        tags = {
+            ROLE_TAG: "grid",
+            "multirun_dir": str(sweep_dir),
+            "git_commit": commit,
+            MLFLOW_SOURCE_NAME: "python -m src.run -m " + " ".join(config.hydra.overrides.task),
+            MLFLOW_GIT_COMMIT: commit,
+            MLFLOW_USER: getpass.getuser(),
+        }
+        self.run = MLflowRun(tracking, Path(config.hydra.runtime.cwd), name, tags).__enter__()
+        self.run.log_params({f"grid.{k}": v for k, v in swept.items()} | {f"fixed.{k}": v for k, v in fixed.items()})
+        self.objective = {"metric": config.objective.metric, "direction": config.objective.direction}
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        info = {"parent_run_id": self.run.run_id, "varying": sorted(swept)}
+        (sweep_dir / INFO_FILE).write_text(json.dumps(info))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run is None:
+            return
+        from src.tracking.summary import summarize_children
+
+        failed = summarize_children(self.run, self.objective["metric"], self.objective["direction"])
+        self.run.__exit__(None, None, None)
+        if failed:
+            sys.exit(1)

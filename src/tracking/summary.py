@@ -1,0 +1,84 @@
+"""What the terminal says when work ends: which run (or parent), the result, where the artifacts are, and the
+command and URL that open it in the MLflow UI; and the summary table a parent run keeps of its children."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+UI_PORT = 5000
+
+
+def best_metric(metric: str) -> str:
+    """The metric every run logs at its end: the best validation value of its objective over the run."""
+    return f"best/{metric}"
+
+
+def where(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The command that starts the UI on this store and the URL of the runs view (or of one run)."""
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    base = f"http://127.0.0.1:{UI_PORT}" if local else uri.rstrip("/")
+    page = f"/runs/{run_id}" if run_id else "?workflowType=machine_learning"
+    command = f"mlflow ui --backend-store-uri {uri} --port {UI_PORT}, then open " if local else "open "
+    return f"{command}{base}/#/experiments/{experiment_id}{page}"
+
+
+def run_summary(run: Run, metric: str, uri: str) -> str:
+    """A finished run in three lines."""
+    m = run.data.metrics
+    results = " · ".join(f"{k} {m[k]:.4f}" for k in (best_metric(metric), "test/acc") if k in m)
+    name = run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_name)
+    view = where(uri, run.info.experiment_id, run.info.run_id)
+    head = f"Run {name} ({run.info.run_id}) {run.info.status}: {results}"
+    return f"{head}\n  artifacts: {run.info.artifact_uri}\n  view: {view}"
+
+
+def _rank(runs: list[Run], metric: str, direction: str) -> list[Run]:
+    def key(run: Run) -> float:
+        value = run.data.metrics.get(best_metric(metric), math.nan)
+        if math.isnan(value):
+            return math.inf
+        return -value if direction == "maximize" else value
+
+    return sorted(runs, key=key)
+
+
+def summarize_children(parent: Any, metric: str, direction: str) -> int:
+    """Log the children's table (summary.md, summary.csv) and best child on the parent `MLflowRun`, print the
+    summary; returns how many children did not finish."""
+    client = parent.client
+    children = client.search_runs([parent.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'")
+    ranked = _rank(children, metric, direction)
+    columns = ["run", "status", best_metric(metric), "test/acc", "run_id"]
+    rows = [
+        [
+            r.info.run_name,
+            r.info.status,
+            *(f"{r.data.metrics[k]:.4f}" if k in r.data.metrics else "" for k in columns[2:4]),
+            r.info.run_id,
+        ]
+        for r in ranked
+    ]
+    table = "\n".join(
+        ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(r) + " |" for r in rows)]
+    )
+    parent.log_text(table + "\n", "summary.md")
+    parent.log_text("\n".join(",".join(r) for r in [columns, *rows]) + "\n", "summary.csv")
+    finished = [r for r in ranked if r.info.status == "FINISHED" and best_metric(metric) in r.data.metrics]
+    failed = sum(r.info.status != "FINISHED" for r in children)
+    lines = [f"{len(children)} runs ({len(children) - failed} FINISHED, {failed} not) under parent run {parent.run_id}"]
+    if finished:
+        best = finished[0]
+        value = best.data.metrics[best_metric(metric)]
+        parent.set_tags({"best_run_id": best.info.run_id, "best_run_name": best.info.run_name})
+        parent.log_metrics({best_metric(metric): value})
+        lines.append(f"  best: {best.info.run_name} {metric} {value:.4f} (run {best.info.run_id})")
+    lines.append(
+        f"  table: summary.md in the parent run's artifacts ({client.get_run(parent.run_id).info.artifact_uri})"
+    )
+    lines.append(f"  view: {where(parent.uri, parent.experiment_id)}")
+    print("\n".join(lines), flush=True)
+    return failed

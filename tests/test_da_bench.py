@@ -1,0 +1,152 @@
+"""Domain-adaptation benchmark on digits (`experiment=digits_da`: 60 labelled clean digits 5-9 per class; targets:
+the built-in shifts), every run in-process and read back from MLflow:
+
+    python -m tests.test_da_bench                 # prints the table, then ONE JSON line
+    python -m tests.test_da_bench invert,rotate   # other shifts
+    python -m pytest -m slow tests/test_da_bench.py -s
+
+Per shift: source-only (`adapt=none`), each adaptation method, and the target oracle (`adapt=oracle`: trained on the
+labelled target images), over SEEDS. Target accuracy is on the held-out labelled target test images at the last
+epoch; "recovered" is (method - source-only) / (oracle - source-only). The model-selection columns give the target
+accuracy at the epoch each criterion picks: source validation accuracy, the label-free IM and SND scores, and the
+oracle (best target accuracy, needs target labels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from src.config import validate
+from src.run import run
+from tests.conftest import REPO
+
+SHIFTS = ("rotate", "noise")  # `invert` too: python -m tests.test_da_bench invert
+METHODS: dict[str, list[str]] = {
+    "source_only": ["adapt=none"],
+    "dann": ["adapt=dann", "adapt.hidden=256"],
+    "cdan": ["adapt=cdan", "adapt.hidden=256"],
+    "coral": ["adapt=coral"],
+    "mcc": ["adapt=mcc"],
+    "entropy": ["adapt=entropy"],
+    "oracle": ["adapt=oracle"],
+}
+SEEDS = (0, 1, 2)
+BASE = [
+    "experiment=digits_da",
+    "tracking.log_checkpoint=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+SELECT = ("source_val", "im", "snd", "oracle")
+GOAL = 0.40  # share of the source-only -> oracle gap the best method should recover on at least one shift
+
+
+def run_one(overrides: list[str], root: Path, name: str) -> dict[str, float]:
+    tracking = [f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'mlruns'}"]
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        raw = compose("config", overrides=[*BASE, *overrides, *tracking, f"tracking.run_name={name}"])
+    run(validate(raw), raw)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer-lab")
+    (found,) = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'")
+    metrics = found.data.metrics
+    out = {"last": metrics["select/last/target_acc"]}
+    out |= {f"select_{c}": metrics[f"select/{c}/target_acc"] for c in SELECT}
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def measure(shifts: tuple[str, ...] = SHIFTS, methods: dict[str, list[str]] = METHODS) -> dict[str, Any]:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "src"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # The models are tiny: one thread per process is faster than torch's default, most of all on a shared CPU.
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="da-bench-") as tmp:
+        root = Path(tmp)
+        tempfile.tempdir = tmp  # runs outside Hydra write their checkpoints to a temporary directory: this one
+        try:
+            for shift in shifts:
+                for method, overrides in methods.items():
+                    runs = [
+                        run_one(
+                            [f"data.target_shift={shift}", f"seed={seed}", *overrides], root, f"{shift}-{method}-{seed}"
+                        )
+                        for seed in SEEDS
+                    ]
+                    results.setdefault(shift, {})[method] = runs
+        finally:
+            tempfile.tempdir = None
+    return {"results": results, "wall_s": round(time.perf_counter() - start, 1), "load_avg": os.getloadavg()}
+
+
+def summarise(measured: dict[str, Any]) -> dict[str, Any]:
+    """Per shift and method: mean/std target accuracy (last epoch), the gap share it recovers, the selections."""
+    table: dict[str, Any] = {}
+    for shift, methods in measured["results"].items():
+        source = mean_std([r["last"] for r in methods["source_only"]])[0]
+        oracle = mean_std([r["last"] for r in methods["oracle"]])[0]
+        rows = {}
+        for method, runs in methods.items():
+            mean, std = mean_std([r["last"] for r in runs])
+            rows[method] = {"mean": round(mean, 4), "std": round(std, 4)}
+            if method not in ("source_only", "oracle") and oracle > source:
+                rows[method]["recovered"] = round((mean - source) / (oracle - source), 3)
+            rows[method] |= {f"select_{c}": round(mean_std([r[f"select_{c}"] for r in runs])[0], 4) for c in SELECT}
+        table[shift] = rows
+    best = {
+        shift: max((r.get("recovered", float("-inf")), m) for m, r in rows.items() if "recovered" in r)
+        for shift, rows in table.items()
+    }
+    return {
+        "table": table,
+        "best": {shift: {"method": m, "recovered": r} for shift, (r, m) in best.items()},
+        "goal_met": any(r >= GOAL for r, _ in best.values()),
+        "seeds": len(SEEDS),
+        "wall_s": measured["wall_s"],
+        "load_avg_end": [round(x, 2) for x in measured["load_avg"]],
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    header = "| shift | method | target acc (last epoch) | recovered | selected by: source val | IM | SND | oracle |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for shift, rows in summary["table"].items():
+        for method, r in rows.items():
+            recovered = f"{100 * r['recovered']:.0f} %" if "recovered" in r else ""
+            picks = " | ".join(f"{r[f'select_{c}']:.3f}" for c in SELECT)
+            lines.append(f"| {shift} | {method} | {r['mean']:.3f} ± {r['std']:.3f} | {recovered} | {picks} |")
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_da_benchmark() -> None:
+    summary = summarise(measure())
+    print(format_table(summary))
+    print(json.dumps(summary))
+    assert summary["wall_s"] <= 20 * 60, summary["wall_s"]
+    assert summary["goal_met"], summary["best"]
+
+
+if __name__ == "__main__":
+    shifts = tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else SHIFTS
+    summary = summarise(measure(shifts))
+    print(format_table(summary))
+    print(json.dumps(summary))
