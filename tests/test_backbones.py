@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from src.backbones import BACKBONES, Backbone, LayerGroup
+from src.backbones.efficientnet_lite import EfficientNetLiteConfig
 from src.backbones.groups import check_partition, module_layer_groups
 from src.backbones.hf import HFConfig
 from src.backbones.minilm import MiniLMConfig, minilm_path
@@ -121,6 +122,9 @@ def test_yaml_lists_every_knob_and_parses(yaml_path: Path) -> None:
         (lambda: HFConfig(model="m", pooling="max"), "pooling"),
         (lambda: HFConfig(model="m", image_size=0), "image_size"),
         (lambda: MiniLMConfig(pooling="max"), "pooling"),
+        (lambda: EfficientNetLiteConfig(variant=3), "variant"),
+        (lambda: EfficientNetLiteConfig(drop_connect_rate=1.0), "drop_connect_rate"),
+        (lambda: EfficientNetLiteConfig(bn_momentum=0.0), "bn_momentum"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(make, field_name: str) -> None:

@@ -296,14 +296,14 @@ def image_tree(root: Path, per_class: int = 6, classes: tuple[str, ...] = tuple(
         for i in range(per_class):
             Image.new("RGB", (20 + 3 * i, 12 + i), COLOURS[name]).save(root / name / f"{i}.png")
     (root / classes[0] / "broken.png").write_bytes(b"not a png")
-    (root / classes[-1] / "notes.txt").write_text("ignored: not an image extension")
+    (root / classes[-1] / "notes.txt").write_text("skipped: not an image extension")
     return root
 
 
 def test_image_folder_tmp_pngs(tmp_path: Path) -> None:
     train = image_tree(tmp_path / "train")
     node = {"name": "image_folder", "train_dir": str(train), "val_fraction": 0.5, "image_size": 16}
-    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) .* Pillow cannot open \(e.g. cat/broken.png\)"):
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) .* Pillow can open .*: cat/broken.png, owl/notes.txt"):
         dm = build({**node, "batch_size": 4}, RGB)
     assert dm.class_names == ["cat", "dog", "owl"] and dm.label_mapping == {"cat": 0, "dog": 1, "owl": 2}
     assert sorted(all_labels(dm.val_dataloader().dataset)) == [0, 0, 0, 1, 1, 1, 2, 2, 2]

@@ -51,6 +51,8 @@ class Preprocessing:
     channels: int = 3
     mean: tuple[float, ...] = field(default=(0.485, 0.456, 0.406))
     std: tuple[float, ...] = field(default=(0.229, 0.224, 0.225))
+    crop_pct: float = 1.0  # image: centre crop = this share of the shorter side (resized to image_size / crop_pct)
+    min_image_size: int = 1  # image: smallest input side the backbone can take
 
 
 State = torch.Tensor | dict[str, torch.Tensor]

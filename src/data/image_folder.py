@@ -1,21 +1,28 @@
-"""Image classification from class sub-folders (``<dir>/<class>/<image>``), decoded lazily with Pillow.
+"""Image classification from class sub-folders (``<dir>/<class>/<image>``), decoded with Pillow.
 
-Preprocessing: resize the SHORTER side to ``image_size``, then centre-crop a square (keeps the aspect ratio,
-the usual ImageNet evaluation recipe), plus a random horizontal flip for training when ``hflip`` is set.
+Preprocessing: resize the SHORTER side to ``image_size / crop_pct`` (the backbone's crop share), then centre-crop
+``image_size`` (keeps the aspect ratio, the usual ImageNet evaluation recipe), plus a random horizontal flip for
+training when ``hflip`` is set. Any Pillow mode is converted (transparent images onto white). Decoded, resized
+images are kept in memory as uint8 and in the shared disk cache (``cache_images``), so later epochs and runs only
+flip and normalise.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from omegaconf import MISSING
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from src.cache import Cache, file_digest, fingerprint
 from src.data import DATA
 from src.data.common import (
     ClassificationDataModule,
@@ -39,6 +46,8 @@ from src.schema import ConfigError
 if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
     from src.backbones.base import Preprocessing
 
+log = logging.getLogger(__name__)
+
 DEFAULT_IMAGE_SIZE = 224
 
 
@@ -53,6 +62,7 @@ class ImageFolderConfig(DataConfig):
     val_fraction: float = 0.2
     image_size: int | None = None  # None: the backbone's preprocessing.image_size, else 224
     hflip: bool = True  # random horizontal flip, training split only
+    cache_images: bool = True  # decoded, resized images in memory + disk cache (uint8: 3 * image_size**2 bytes each)
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
     label_names: Any = None  # class names for the sorted sub-folders, in that order: a list or a file; None: folders
 
@@ -85,24 +95,30 @@ class ImageFolderConfig(DataConfig):
         return self.target_dir is not None
 
 
-def scan_folder(key: str, root: Path, extensions: list[str]) -> tuple[list[str], list[Path], list[str]]:
-    """``(classes, files, class of each file)``: sorted sub-folders, and files Pillow can identify.
+def scan_folder(
+    key: str, root: Path, extensions: list[str], min_side: int = 1
+) -> tuple[list[str], list[Path], list[str]]:
+    """``(classes, files, class of each file)``: sorted sub-folders, and the files in them Pillow can identify.
 
-    Files with a listed extension that Pillow cannot open are skipped here, with one warning, so a stray bad
-    file cannot crash a DataLoader worker mid-epoch.
+    Every other file (another extension, or one Pillow cannot open) is skipped here, named in one warning, so a
+    stray file cannot crash a DataLoader worker mid-epoch; hidden files are skipped silently. Images whose
+    shorter side is below ``min_side`` are named in one more warning: they will be upscaled.
     """
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"{key}: {root} has no class sub-folders")
     suffixes = {"." + ext.lower().lstrip(".") for ext in extensions}
-    files, file_classes, skipped = [], [], []
+    files, file_classes, skipped, small = [], [], [], []
     for name in classes:
         for path in sorted((root / name).rglob("*")):
-            if not (path.is_file() and path.suffix.lower() in suffixes):
+            if not path.is_file() or path.name.startswith("."):
                 continue
             try:
-                with Image.open(path):
-                    pass
+                if path.suffix.lower() not in suffixes:
+                    raise UnidentifiedImageError
+                with Image.open(path) as image:
+                    if min(image.size) < min_side:
+                        small.append(path)
             except (UnidentifiedImageError, OSError):
                 skipped.append(path)
                 continue
@@ -110,38 +126,89 @@ def scan_folder(key: str, root: Path, extensions: list[str]) -> tuple[list[str],
             file_classes.append(name)
     if not files:
         raise ValueError(f"{key}: no readable images with extensions {sorted(suffixes)} under {root}")
+
+    def examples(paths: list[Path]) -> str:
+        return ", ".join(str(p.relative_to(root)) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
     if skipped:
-        examples = ", ".join(str(p.relative_to(root)) for p in skipped[:3])
         warnings.warn(
-            f"{key}: skipped {len(skipped)} file(s) under {root} that Pillow cannot open (e.g. {examples})",
+            f"{key}: skipped {len(skipped)} file(s) under {root} that are not images Pillow can open with an "
+            f"extension in {sorted(suffixes)}: {examples(skipped)}",
+            stacklevel=2,
+        )
+    if small:
+        warnings.warn(
+            f"{key}: {len(small)} image(s) under {root} have a shorter side below {min_side} px and are upscaled: "
+            f"{examples(small)}",
             stacklevel=2,
         )
     return classes, files, file_classes
 
 
-def image_transform(size: int, preprocessing: Preprocessing, hflip: bool) -> Transform:
-    """Shorter side to ``size``, centre crop, optional flip, normalise with the backbone's statistics."""
-    steps: list[Transform] = [Resize(size), CenterCrop(size)]
-    if hflip:
-        steps.append(RandomHorizontalFlip())
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Any Pillow mode (grey, palette, CMYK, 16-bit, with alpha) as ``mode``; transparency composited on white."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+    elif image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: rescale to 8 bits, not clip
+        array = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray(np.uint8(255 * (array - array.min()) / max(float(np.ptp(array)), 1e-12)))
+    return image.convert(mode)
+
+
+class ImageDecoder:
+    """File -> ``(C, size, size)`` uint8 tensor: decode, convert, resize the shorter side to ``resize``, centre
+    crop ``size``. Deterministic, so its output can be cached; random augmentation comes after it.
+    """
+
+    def __init__(self, mode: str, resize: int, size: int) -> None:
+        self.mode, self.resize, self.size = mode, resize, size
+        self.transform = Compose([Resize(resize), CenterCrop(size)])
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that determines the output besides the file (a cache key part; bump the version when the
+        decoding code changes)."""
+        return {"mode": self.mode, "resize": self.resize, "size": self.size, "version": 1}
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            image.draft(self.mode, (self.resize, self.resize))  # JPEG: decode at a reduced scale >= resize
+            pixels = pil_to_tensor(to_mode(image, self.mode))
+        return (self.transform(pixels) * 255).round().to(torch.uint8)
+
+
+def image_transform(preprocessing: Preprocessing, hflip: bool) -> Transform:
+    """What follows decoding: optional flip, normalisation with the backbone's statistics."""
+    steps: list[Transform] = [RandomHorizontalFlip()] if hflip else []
     steps.append(Normalize(preprocessing.mean, preprocessing.std))
     return Compose(steps)
 
 
 class ImageFiles(Dataset):
-    """Image paths decoded on access (memory stays flat however large the folder)."""
+    """Image files, decoded on every access, or once when ``cache`` is set: then the whole split is one uint8
+    tensor in memory, also stored in the shared on-disk cache (`src.cache`, namespace ``images``) under the
+    files' contents and the decoder settings, so later runs and sweep jobs on the same folder skip decoding.
+    """
 
-    def __init__(self, files: list[Path], labels: list[int] | None, mode: str, size: int, transform: Transform) -> None:
-        self.files, self.labels, self.mode, self.size, self.transform = files, labels, mode, size, transform
+    def __init__(
+        self, files: list[Path], labels: list[int] | None, decode: ImageDecoder, transform: Transform, cache: bool
+    ) -> None:
+        self.files, self.labels, self.decode, self.transform = files, labels, decode, transform
+        self.cached: torch.Tensor | None = None
+        if cache:
+            start, store = time.perf_counter(), Cache("images")
+            key = fingerprint(decode.settings(), [file_digest(path) for path in files])
+            self.cached = store.get_or_compute(key, lambda: torch.stack([decode(path) for path in files]))
+            how = "decoded" if store.stats.misses else f"loaded from {store.dir}"
+            log.info("%d images %s in %.1fs", len(files), how, time.perf_counter() - start)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        with Image.open(self.files[index]) as image:
-            image.draft(self.mode, (self.size, self.size))  # JPEG: decode at a reduced scale >= size
-            pixels = pil_to_tensor(image.convert(self.mode))
-        item = {"pixel_values": self.transform(pixels)}
+        pixels = self.cached[index] if self.cached is not None else self.decode(self.files[index])
+        item = {"pixel_values": self.transform(pixels.float() / 255)}
         return item if self.labels is None else {**item, "labels": self.labels[index]}
 
 
@@ -156,30 +223,38 @@ class ImageFolderDataModule(ClassificationDataModule):
         super().__init__(cfg, preprocessing, seed)
         if preprocessing.channels not in (1, 3):
             raise ValueError(f"data '{cfg.name}' decodes 1 or 3 channels, backbone wants {preprocessing.channels}")
-        self.mode = "L" if preprocessing.channels == 1 else "RGB"
+        mode = "L" if preprocessing.channels == 1 else "RGB"
         self.image_size = cfg.image_size or preprocessing.image_size or DEFAULT_IMAGE_SIZE
+        if self.image_size < preprocessing.min_image_size:
+            raise ConfigError(
+                f"data.image_size: {self.image_size} px is below the {preprocessing.min_image_size} px the backbone "
+                f"takes; use >= {preprocessing.min_image_size} (or null: the backbone's {preprocessing.image_size})"
+            )
+        self.decoder = ImageDecoder(mode, round(self.image_size / preprocessing.crop_pct), self.image_size)
 
     @property
     def train_augmented(self) -> bool:
         return self.cfg.hflip
 
     def _dataset(self, files: list[Path], labels: list[int] | None, train: bool) -> ImageFiles:
-        transform = image_transform(self.image_size, self.preprocessing, hflip=train and self.cfg.hflip)
-        return ImageFiles(files, labels, self.mode, self.image_size, transform)
+        transform = image_transform(self.preprocessing, hflip=train and self.cfg.hflip)
+        return ImageFiles(files, labels, self.decoder, transform, self.cfg.cache_images)
+
+    def _files(self, key: str) -> tuple[list[str], list[Path], list[str]]:
+        return scan_folder(key, Path(getattr(self.cfg, key)), self.cfg.extensions, min_side=self.image_size)
 
     def _scan(self, key: str, class_names: list[str]) -> tuple[list[Path], list[int]]:
         """Files and label indices of an evaluation folder, whose classes must all occur in ``train_dir``."""
-        root = Path(getattr(self.cfg, key))
-        classes, files, file_classes = scan_folder(key, root, self.cfg.extensions)
+        classes, files, file_classes = self._files(key)
         if unseen := sorted(set(classes) - set(class_names)):
             raise ValueError(
-                f"{key}: {root} has class folder(s) {unseen} that are not in train_dir {self.cfg.train_dir}; "
-                f"train classes: {class_names}"
+                f"{key}: {getattr(self.cfg, key)} has class folder(s) {unseen} that are not in train_dir "
+                f"{self.cfg.train_dir}; train classes: {class_names}"
             )
         return files, [class_names.index(name) for name in file_classes]
 
     def _build(self) -> tuple[dict[str, Dataset], list[str]]:
-        class_names, files, file_classes = scan_folder("train_dir", Path(self.cfg.train_dir), self.cfg.extensions)
+        class_names, files, file_classes = self._files("train_dir")
         labels = np.array([class_names.index(name) for name in file_classes])
         if self.cfg.val_dir is None:
             train_idx, val_idx = fraction_split(labels.tolist(), self.cfg.val_fraction, self.seed)

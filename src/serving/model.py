@@ -147,17 +147,17 @@ class Classifier:
 
     def _image_batch(self, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
         from src.backbones.base import Preprocessing
-        from src.data.image_folder import image_transform
-        from src.data.transforms import pil_to_tensor
+        from src.data.image_folder import image_transform, to_mode
+        from src.data.transforms import CenterCrop, Compose, Resize, pil_to_tensor
 
         s = self.spec.input
         preprocessing = Preprocessing("image", image_size=s.image_size, channels=s.channels, mean=s.mean, std=s.std)
-        transform = image_transform(s.image_size, preprocessing, hflip=False)
+        transform = Compose([Resize(s.image_size), CenterCrop(s.image_size), image_transform(preprocessing, False)])
         mode = "L" if s.channels == 1 else "RGB"
         pixels = []
         for value in rows[IMAGE_COLUMN]:
             with decode_image(value) as image:
-                pixels.append(transform(pil_to_tensor(image.convert(mode))))
+                pixels.append(transform(pil_to_tensor(to_mode(image, mode))))
         return {"pixel_values": torch.stack(pixels)}
 
     def batches(self, frame: pd.DataFrame, batch_size: int = BATCH_SIZE) -> Iterator[dict[str, torch.Tensor]]:

