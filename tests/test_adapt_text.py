@@ -10,8 +10,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from src.config import validate
-from src.run import run
+from src.train import execute
 from tests.conftest import REPO
 
 SOURCE = {
@@ -60,7 +59,7 @@ def test_dann_on_a_synthetic_text_shift(tmp_path: Path) -> None:
     ]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         raw = compose("config", overrides=overrides)
-    run(validate(raw), raw)
+    execute(raw)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (found,) = client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id])
     metrics, run_id = found.data.metrics, found.info.run_id

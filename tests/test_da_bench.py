@@ -29,8 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from src.config import validate
-from src.run import run
+from src.train import execute
 from tests.conftest import REPO
 
 SHIFTS = ("rotate", "noise")  # `invert` too: python -m tests.test_da_bench invert
@@ -58,7 +57,7 @@ def run_one(overrides: list[str], root: Path, name: str) -> dict[str, float]:
     tracking = [f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'mlruns'}"]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         raw = compose("config", overrides=[*BASE, *overrides, *tracking, f"tracking.run_name={name}"])
-    run(validate(raw), raw)
+    execute(raw)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("transfer-lab")
     (found,) = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'")
