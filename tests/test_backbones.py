@@ -35,6 +35,7 @@ from src.backbones.groups import check_partition, module_layer_groups
 from src.backbones.hf import HFConfig
 from src.backbones.minilm import MiniLMConfig, minilm_path
 from src.backbones.small_cnn import SmallCNNConfig
+from src.schema import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 SENTENCES = ["a gripping, beautifully shot film", "the plot never comes together"]
@@ -229,7 +230,9 @@ def test_hf_scratch_has_same_architecture_with_fresh_weights(tiny_models: dict[s
 
 def test_hf_unloadable_model_names_it_and_suggests_a_local_folder(tmp_path: Path) -> None:
     missing = tmp_path / "not-there"
-    with pytest.raises(OSError, match=rf"(?s)could not load Hugging Face model '{missing}'.*local folder"):
+    with pytest.raises(
+        ConfigError, match=rf"(?s)^backbone \(hf\): could not load Hugging Face model '{missing}'.*local folder"
+    ):
         build_hf(missing)
 
 
@@ -295,5 +298,5 @@ def test_small_cnn_scratch_and_shapes(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
 def test_timm_without_the_extra_says_how_to_install() -> None:
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[timm\]'"):
+    with pytest.raises(ConfigError, match=r"^backbone \(timm\): .*pip install -e '\.\[timm\]'"):
         BACKBONES.build({"name": "timm", "model": "resnet18"})

@@ -13,13 +13,16 @@ longest sequence, which is much cheaper than padding everything to ``max_length`
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
 import itertools
+import json
 import logging
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +51,7 @@ from src.data.tables import (
     load_hub_dataset,
     looks_like_data,
     read_table,
+    read_text_bytes,
 )
 from src.schema import ConfigError
 
@@ -110,6 +114,9 @@ class TextTableConfig(DataConfig):
             if getattr(self, key) is not None:
                 formats.add(self.format_of(key))
                 check_path(key, getattr(self, key))
+        for key in TARGET_KEYS:  # the target domain must be the same kind of input as the source, checked up front
+            if getattr(self, key) is not None:
+                self._check_target_columns(key)
         if self.column_names is not None and (
             not self.column_names or len(set(self.column_names)) < len(self.column_names)
         ):
@@ -142,6 +149,16 @@ class TextTableConfig(DataConfig):
     def has_target(self) -> bool:
         return self.target_path is not None
 
+    def _check_target_columns(self, key: str) -> None:
+        path, fmt = Path(getattr(self, key)), self.format_of(key)
+        columns = peek_columns(path, fmt, self.encoding) if self.column_names is None else self.column_names
+        needed = [*self.text_columns(), self.text_pair_column, *([self.label_column] if key != "target_path" else [])]
+        if missing := [c for c in needed if c is not None and c not in columns]:
+            raise ValueError(
+                f"{key}: {path} has no column {missing[0]!r} (the target domain needs the source's columns); "
+                f"columns: {columns}"
+            )
+
     def format_of(self, key: str) -> str:
         """The table format of the file in config field ``key`` (explicit, or from its extension)."""
         return infer_format(key, getattr(self, key), self.format)
@@ -153,6 +170,23 @@ class TextTableConfig(DataConfig):
 
     def has_header(self) -> bool:
         return self.header if self.header is not None else self.column_names is None
+
+
+def peek_columns(path: Path, fmt: str, encoding: str) -> list[str]:
+    """A table's column names without reading it all (none for a file that is not a table, e.g. an image)."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        text = read_text_bytes(str(path), path, encoding).decode("utf-8")
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if fmt == "jsonl":
+            record = json.loads(first)
+            return list(record) if isinstance(record, dict) else []
+        return next(csv.reader([first], delimiter="\t" if fmt == "tsv" else ","), [])
+    except (json.JSONDecodeError, OSError, ValueError):  # ConfigError (undecodable bytes) is a ValueError
+        return []
 
 
 def sorted_labels(labels: list[str]) -> list[str]:
