@@ -141,7 +141,12 @@ def validate(cfg: DictConfig) -> RunConfig:
 
     registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
     # Defaults that refer to other keys (optim.lr: ${finetune.lr}) are checked as the values they resolve to.
-    cfg = _parse("config", lambda c=cfg: OmegaConf.create(OmegaConf.to_container(c, resolve=True)))
+    # Without the `hydra` node a sweeper's config carries: its job-time values (hydra.job.num) are not set yet.
+    run_keys = [k for k in cfg if k != "hydra"]
+    cfg = _parse(
+        "config",
+        lambda c=cfg: OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(c, run_keys), resolve=True)),
+    )
     for key in [*registries, *FIXED_GROUPS, "trainer"]:
         if key not in cfg:
             raise ConfigError(f"{key}: missing config group")
