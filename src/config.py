@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.cache import CacheConfig
@@ -141,11 +141,12 @@ def validate(cfg: DictConfig) -> RunConfig:
 
     registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
     # Defaults that refer to other keys (optim.lr: ${finetune.lr}) are checked as the values they resolve to.
-    # Hydra's own node is not the run's: the sweeper validates its config, where hydra.job.num does not exist yet.
-    run_only = cfg.copy()
-    with open_dict(run_only):
-        run_only.pop("hydra", None)
-    cfg = _parse("config", lambda: OmegaConf.create(OmegaConf.to_container(run_only, resolve=True)))
+    # Without the `hydra` node a sweeper's config carries: its job-time values (hydra.job.num) are not set yet.
+    run_keys = [k for k in cfg if k != "hydra"]
+    cfg = _parse(
+        "config",
+        lambda c=cfg: OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(c, run_keys), resolve=True)),
+    )
     for key in [*registries, *FIXED_GROUPS, "trainer"]:
         if key not in cfg:
             raise ConfigError(f"{key}: missing config group")

@@ -187,10 +187,22 @@ def encode(
 # --- datasets and collation --------------------------------------------------------------------------------------
 
 
-class CachedSplit(Dataset):
+class _Delegating(Dataset):
+    """Attributes it lacks are the raw split's (`files`, `images`, ...), for code that reads them after a run."""
+
+    raw: Dataset
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "raw":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.raw, name)
+
+
+class CachedSplit(_Delegating):
     """A split as the frozen prefix's outputs: samples `{FROZEN or FROZEN_TOKENS: state, "labels": y}`."""
 
-    def __init__(self, entry: Entry) -> None:
+    def __init__(self, entry: Entry, raw: Dataset) -> None:
+        self.raw = raw
         self.labels = entry["labels"]
         self.values = entry.get("values")
         if self.values is None:
@@ -205,17 +217,17 @@ class CachedSplit(Dataset):
         return {FROZEN: self.values[index], "labels": self.labels[index]}
 
 
-class WithCached(Dataset):
+class WithCached(_Delegating):
     """A split's samples, each with its cached value(s) added under the given batch key(s)."""
 
-    def __init__(self, dataset: Dataset, cached: dict[str, torch.Tensor]) -> None:
-        self.dataset, self.cached = dataset, cached
+    def __init__(self, raw: Dataset, cached: dict[str, torch.Tensor]) -> None:
+        self.raw, self.cached = raw, cached
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.raw)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[index], **{key: values[index] for key, values in self.cached.items()}}
+        return {**self.raw[index], **{key: values[index] for key, values in self.cached.items()}}
 
 
 def _pad_tokens(states: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -310,7 +322,7 @@ class FeatureCache:
             what = {"output": "frozen prefix" if cut < n else "features", "cut": cut, "groups": n}
             for split in splits:
                 entry = self.entry(split, backbone, what, lambda b, c=cut: backbone.prefix_output(c, b))
-                self.datamodule.splits[split] = CachedSplit(entry)
+                self.datamodule.splits[split] = CachedSplit(entry, self.datamodule.splits[split])
             module.frozen_cut, module.use_frozen = cut, True
         elif probes(strategy, n, epochs) and deterministic(strategy, backbone, n):
             what = {"output": "features", "cut": n, "groups": n}

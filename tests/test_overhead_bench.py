@@ -6,7 +6,7 @@ AdamW, constant LR) vs a plain PyTorch loop over the same data module, model, op
     python -m pytest -m slow tests/test_overhead_bench.py -s
 
 Prints ONE JSON line. `src.run`'s time is Lightning's `run_training_epoch` (SimpleProfiler): every training step
-with its data loading, callbacks and logging, but not setup, validation or checkpointing; the plain loop's is
+with its data loading, callbacks and logging (and one validation batch), not setup or checkpointing; the plain loop's is
 the same span. Repeats alternate between the two, and each side keeps its fastest, so a noisy neighbour does
 not decide the ratio.
 """
@@ -62,7 +62,7 @@ def framework_seconds(steps: int, threads: int, root: Path) -> float:
         "optim.warmup_ratio=0",
         f"regularization.weight_decay={WEIGHT_DECAY}",
         "trainer.max_epochs=1",
-        "+trainer.limit_val_batches=0",
+        "+trainer.limit_val_batches=1",  # one batch: the run needs its objective
         "+trainer.limit_test_batches=1",
         "+trainer.profiler=simple",
         "tracking.log_checkpoint=false",
