@@ -20,6 +20,7 @@ def test_names_put_groups_first_seed_last_and_drop_plumbing() -> None:
     assert from_overrides(overrides) == ["lp_ft", "lr=2e-4", "s1"]
     assert from_overrides(overrides, keys=["finetune", "seed"]) == ["lp_ft", "s1"]
     assert from_overrides(["regularization.weight_decay=0.01", "+trainer.max_epochs=3"]) == ["wd=0.01", "ep=3"]
+    assert from_overrides(["data.train_path=../shared/data/sst2/train.tsv"]) == ["train_path=train.tsv"]
 
 
 def test_grid_dimensions_split_swept_from_fixed() -> None:
