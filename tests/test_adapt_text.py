@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
@@ -32,6 +33,7 @@ def write_table(path: Path, texts: dict[str, list[str]], repeats: int, labelled:
                 writer.writerows([[f"{t} ({i})", label] if labelled else [f"{t} ({i})"] for t in rows])
 
 
+@pytest.mark.slow  # MiniLM + DANN end to end (~45 s); tests/test_adapt.py covers every method on digits
 def test_dann_on_a_synthetic_text_shift(tmp_path: Path) -> None:
     write_table(tmp_path / "train.csv", SOURCE, 3)
     write_table(tmp_path / "dev.csv", SOURCE, 1)
