@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.backbones import BACKBONES
 from src.backbones.base import Backbone
-from src.cache import file_digest, fingerprint
+from src.cache import fingerprint, path_digest
 from src.config import RunConfig, validate
 from src.data.common import ClassificationDataModule
 from src.finetune.init import CHECKPOINT_ARTIFACT, load_backbone
@@ -133,14 +133,7 @@ def log_dataset(tracker: MLflowRun, datamodule: ClassificationDataModule, name: 
     cfg = datamodule.cfg
     source = next((str(getattr(cfg, k)) for k in ("train_path", "train_dir") if getattr(cfg, k, None)), cfg.name)
     path = Path(source)
-    if path.is_file():
-        digest = file_digest(path)
-    elif path.is_dir():
-        digest = fingerprint(
-            sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
-        )
-    else:
-        digest = fingerprint(asdict(cfg))
+    digest = path_digest(path) if path.exists() else fingerprint(asdict(cfg))  # memoised: the caches hash it too
     sizes = {split: len(data) for split, data in datamodule._splits.items()}
     profile = {"num_classes": datamodule.num_classes, **{f"num_{k}": v for k, v in sizes.items()}}
     dataset = Dataset(name, digest[:16], "local" if path.exists() else "builtin", source, profile=json.dumps(profile))
