@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import tempfile
@@ -14,16 +13,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from mlflow.entities import Dataset, DatasetInput, InputTag, SourceType
+from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
-    MLFLOW_GIT_COMMIT,
     MLFLOW_PARENT_RUN_ID,
     MLFLOW_RUN_NOTE,
-    MLFLOW_SOURCE_NAME,
-    MLFLOW_SOURCE_TYPE,
-    MLFLOW_USER,
 )
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,7 +34,7 @@ from src.schema import blame
 from src.serving import export
 from src.signals import STOP
 from src.tracking import MLflowRun, TrainingStateLogger, flatten, multirun, naming, resume
-from src.tracking.mlflow_run import git_commit
+from src.tracking.mlflow_run import source_tags
 from src.tracking.plots import confusion_matrix_figure
 from src.tracking.summary import best_metric
 
@@ -107,16 +102,11 @@ def description(cfg: RunConfig, context: HydraContext, result: str = "") -> str:
 def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
     """Our tags (the group options, seed, where outputs are) plus MLflow's standard source/commit/user tags, which
     fill the Source and User columns of the runs table; a grid job is nested under its grid's parent run."""
-    commit = git_commit(Path(__file__).parent)
     out = {
         **group_labels(cfg, context),
         "seed": str(cfg.seed),
-        "git_commit": commit,
         "output_dir": str(context.output_dir),
-        MLFLOW_SOURCE_NAME: "python -m src.run " + " ".join(context.overrides),
-        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
-        MLFLOW_GIT_COMMIT: commit,
-        MLFLOW_USER: getpass.getuser(),
+        **source_tags("python -m src.run " + " ".join(context.overrides)),
         MLFLOW_RUN_NOTE: description(cfg, context),
     }
     if context.multirun_dir is not None:

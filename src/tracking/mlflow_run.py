@@ -7,6 +7,7 @@ trial runs under a parent.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -21,9 +22,16 @@ from typing import Any
 import mlflow
 from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus, RunTag, SourceType
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from src.config import TrackingConfig
 from src.signals import STOP, Stopped
@@ -66,6 +74,19 @@ def git_commit(cwd: Path) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """Our `git_commit` tag and MLflow's standard source/commit/user tags (the runs table's Source and User
+    columns) for a run started by `command`."""
+    commit = git_commit(Path(__file__).parent)
+    return {
+        "git_commit": commit,
+        MLFLOW_SOURCE_NAME: command,
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+        MLFLOW_GIT_COMMIT: commit,
+        MLFLOW_USER: getpass.getuser(),
+    }
 
 
 def store_lock(uri: str) -> AbstractContextManager:

@@ -10,7 +10,6 @@ Optuna sweeps have their own parent (src/sweep/tracking.py) and are left alone h
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import sys
@@ -20,7 +19,6 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_USER
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ class GridParent(Callback):
             return
         from src.config import TrackingConfig
         from src.tracking import naming
-        from src.tracking.mlflow_run import MLflowRun, git_commit
+        from src.tracking.mlflow_run import MLflowRun, source_tags
 
         in_file = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}  # a sweep file's grid
         swept, fixed = grid_dimensions([f"{k}={v}" for k, v in in_file.items()] + list(config.hydra.overrides.task))
@@ -72,14 +70,10 @@ class GridParent(Callback):
         tracking.parent_run_id, tracking.run_name = None, None
         sweep_dir = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
         name = naming.SEP.join(["grid", *(f"{k}={v}" for k, v in swept.items())])
-        commit = git_commit(Path(__file__).parent)
         tags = {
             ROLE_TAG: "grid",
             "multirun_dir": str(sweep_dir),
-            "git_commit": commit,
-            MLFLOW_SOURCE_NAME: "python -m src.run -m " + " ".join(config.hydra.overrides.task),
-            MLFLOW_GIT_COMMIT: commit,
-            MLFLOW_USER: getpass.getuser(),
+            **source_tags("python -m src.run -m " + " ".join(config.hydra.overrides.task)),
         }
         self.objective = {"metric": config.objective.metric, "direction": config.objective.direction}
         self.run = MLflowRun(tracking, Path(config.hydra.runtime.cwd), name, tags).__enter__()
