@@ -25,7 +25,7 @@ class Stopped(BaseException):
 
 class GracefulStop(pl.Callback):
     """The process's stop-signal state (one per process: signals are). Installed by `src.run`; also a callback, so
-    it knows when a fit is running and saves the interrupted state as `last.ckpt`."""
+    it knows when a fit is running and which checkpoint a resume starts from."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -43,7 +43,7 @@ class GracefulStop(pl.Callback):
     def describe(self) -> str:
         name = signal.Signals(self.signum).name if self.signum else "a signal"
         if not self.saved:
-            return f"Stopped by {name} before training started: nothing to resume"
+            return f"Stopped by {name} before the first epoch ended: nothing to resume"
         return f"Stopped by {name}; checkpoint saved at {self.saved}. Resume: python -m src.run resume={self.run_id}"
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -62,9 +62,11 @@ class GracefulStop(pl.Callback):
         self.trainer = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """The resume point is the last epoch-end checkpoint (ModelCheckpoint's `last.ckpt`), not a mid-epoch
+        save: Lightning restores a mid-epoch state without that epoch's validation, so a resumed run would miss
+        one `val/*` point. A resume therefore redoes the interrupted epoch whole."""
         self.trainer = None
-        if self.signum is not None and self.checkpoint is not None and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.checkpoint)
+        if self.signum is not None and self.checkpoint is not None and self.checkpoint.is_file():
             self.saved = self.checkpoint
 
 

@@ -193,8 +193,8 @@ def cli(cwd: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_epoch(cwd: Path, epoch: int, timeout: float = 600) -> str:
-    """The run's id once its `epoch`-th validation is in MLflow."""
+def wait_for_epoch(cwd: Path, epoch: int, max_epochs: str, timeout: float = 600) -> str:
+    """The id of the run with `trainer.max_epochs=max_epochs` once its `epoch`-th validation is in MLflow."""
     deadline = time.time() + timeout
     uri = f"sqlite:///{cwd / 'mlflow.db'}"
     while time.time() < deadline:
@@ -204,6 +204,8 @@ def wait_for_epoch(cwd: Path, epoch: int, timeout: float = 600) -> str:
             experiment = client.get_experiment_by_name("transfer-lab")
             runs = client.search_runs([experiment.experiment_id]) if experiment else []
             for run in runs:
+                if run.data.params.get("trainer.max_epochs") != max_epochs:
+                    continue
                 if len(client.get_metric_history(run.info.run_id, "val/acc")) >= epoch:
                     return run.info.run_id
         time.sleep(1)
@@ -212,7 +214,7 @@ def wait_for_epoch(cwd: Path, epoch: int, timeout: float = 600) -> str:
 
 def test_sigterm_kills_run_with_checkpoint_and_resume_continues_it(tmp_path: Path, restore_signals) -> None:
     proc = cli(tmp_path, "trainer.max_epochs=200")
-    run_id = wait_for_epoch(tmp_path, 2)
+    run_id = wait_for_epoch(tmp_path, 2, "200")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -234,7 +236,7 @@ def test_kill_9_run_is_marked_failed_by_the_next_start_and_parallel_runs_do_not_
     tmp_path: Path, restore_signals
 ) -> None:
     victim, survivor = cli(tmp_path, "trainer.max_epochs=200"), cli(tmp_path, "trainer.max_epochs=3")
-    victim_id = wait_for_epoch(tmp_path, 1)
+    victim_id = wait_for_epoch(tmp_path, 1, "200")
     victim.kill()
     victim.wait(30)
     _, err = survivor.communicate(timeout=300)
@@ -249,24 +251,33 @@ def test_kill_9_run_is_marked_failed_by_the_next_start_and_parallel_runs_do_not_
     assert all(r.info.status != "RUNNING" for r in client.search_runs([dead.info.experiment_id]))
 
 
-def test_fit_interrupt_saves_checkpoint_in_process(tmp_path: Path) -> None:
-    """The graceful path itself: a stop request during fit ends it after the batch with last.ckpt saved."""
+def test_fit_interrupt_stops_after_the_batch_and_resumes_from_the_epoch_end(tmp_path: Path) -> None:
+    """The graceful path itself: a stop request mid-epoch ends the fit after that batch; the resume point is the
+    last epoch-end checkpoint, so the interrupted epoch is redone whole (with its validation)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from src.signals import STOP
 
-    strategy, module, dm = build_pieces({"name": "full"})
+    strategy, module, dm = build_pieces({"name": "full"})  # 50 training images, batch 16: 4 steps per epoch
     STOP.install()
     STOP.checkpoint = tmp_path / "last.ckpt"
+    stopped_at: list[int] = []
 
-    class SignalAtStep3(pl.Callback):
+    class SignalAtStep6(pl.Callback):
         def on_train_batch_end(self, trainer, *args) -> None:
-            if trainer.global_step == 3:
+            if trainer.global_step == 6 and not stopped_at:
+                stopped_at.append(trainer.global_step)
                 os.kill(os.getpid(), signal.SIGINT)
 
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     try:
         with pytest.raises(SystemExit):
-            bare_trainer([*strategy.callbacks(), STOP, SignalAtStep3()], max_epochs=5).fit(module, datamodule=dm)
-        assert STOP.signum == signal.SIGINT and STOP.saved == tmp_path / "last.ckpt"
-        assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3
+            bare_trainer(
+                [*strategy.callbacks(), checkpoints, STOP, SignalAtStep6()], max_epochs=5, enable_checkpointing=True
+            ).fit(module, datamodule=dm)
+        assert STOP.signum == signal.SIGINT and STOP.saved == tmp_path / "last.ckpt" and stopped_at == [6]
+        state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+        assert (state["epoch"], state["global_step"]) == (0, 4), "the end of epoch 0, not the mid-epoch state"
     finally:
         STOP.install()
         signal.signal(signal.SIGINT, signal.default_int_handler)
