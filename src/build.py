@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -178,12 +179,31 @@ def backbone(cfg: RunConfig, raw: DictConfig, strategy: Strategy, client: Mlflow
     return net
 
 
+class EpochCheckpoint(ModelCheckpoint):
+    """`best.ckpt` on the objective plus `last.ckpt` (the resume point) every epoch; in an epoch that improves,
+    `last.ckpt` links to the `best.ckpt` just written instead of writing the same state again (a frozen
+    backbone's checkpoint is the whole backbone: the second write cost a cached linear-probe epoch a third of
+    its time). Lightning's `save_last="link"` would also link in epochs that do not improve, to an older state.
+    """
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        saved_now = self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved
+        if saved_now and self._last_checkpoint_saved == self.best_model_path:
+            self.last_model_path = last
+            self._link_checkpoint(trainer, self.best_model_path, last)
+            return
+        if trainer.is_global_zero and os.path.islink(last):
+            os.remove(last)  # never write through the link into best.ckpt
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+
 def callbacks(
     cfg: RunConfig, extra: list[pl.Callback], context: HydraContext
 ) -> tuple[ModelCheckpoint, list[pl.Callback]]:
     """Checkpointing on the objective, per-epoch state logging, early stopping, plus strategy/regularizer ones."""
     mode = "max" if cfg.objective.direction == "maximize" else "min"
-    checkpoint = ModelCheckpoint(
+    checkpoint = EpochCheckpoint(
         dirpath=context.output_dir / "checkpoints",
         filename="best",
         monitor=cfg.objective.metric,

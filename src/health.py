@@ -9,6 +9,7 @@ import math
 
 import lightning.pytorch as pl
 import torch
+from torchmetrics import Metric
 
 from src.schema import ConfigError
 
@@ -44,9 +45,10 @@ class HealthCheck(pl.Callback):
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.train_losses.append(float(loss))
+        # The module's running epoch mean (it logs `train/loss` only after the callbacks' epoch-end hooks).
+        loss = getattr(pl_module, "train_loss", None)
+        if isinstance(loss, Metric) and loss.update_count:
+            self.train_losses.append(float(loss.compute()))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         share = trainer.callback_metrics.get("val/majority_share")

@@ -8,7 +8,7 @@ from typing import Protocol
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torchmetrics import ConfusionMatrix
+from torchmetrics import ConfusionMatrix, MeanMetric
 
 from src.backbones.base import Backbone
 from src.metrics import classification_metrics, update
@@ -85,7 +85,10 @@ class TransferModule(pl.LightningModule):
         self.loss_terms = loss_terms or []
         self.ce_weight = ce_weight
         self.aux_modules = nn.ModuleList(aux_modules or [])
+        # Epoch means accumulated here and logged once per epoch: a `self.log` per step costs more than a
+        # cached linear probe's whole step.
         self.train_acc = classification_metrics(num_classes, "train/")["acc"]
+        self.train_loss = MeanMetric()
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
@@ -121,11 +124,16 @@ class TransferModule(pl.LightningModule):
             value = term(self, batch, logits)
             self.log(f"train/{term.name}", value, on_step=False, on_epoch=True, batch_size=n)
             loss = loss + value
-        self.train_acc(logits.argmax(-1), batch["labels"])
-        self.log("loss", loss, prog_bar=True, logger=False)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_acc.update(logits.argmax(-1), batch["labels"])
+        self.train_loss.update(loss.detach(), n)
+        if self.trainer.progress_bar_callback is not None:
+            self.log("loss", loss, prog_bar=True, logger=False)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict({"train/loss": self.train_loss.compute(), "train/acc": self.train_acc.compute()})
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def _joint_forward(self, batch: dict) -> torch.Tensor:
         """Source logits of one forward pass over source + target inputs (see the class docstring)."""

@@ -46,6 +46,7 @@ SEEDS = (0, 1, 2)
 BASE = [
     "experiment=digits_da",
     "tracking.log_checkpoint=false",
+    "tracking.log_model=false",  # the benchmark reads metrics only: no model export per run
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]

@@ -53,11 +53,13 @@ def _has_stats(bn: _BatchNorm) -> bool:
     return bn.running_mean is not None
 
 
-def apply_bn_policy(groups: list[LayerGroup], trainable: set[int], policy: BatchNormPolicy, training: bool) -> None:
+def apply_bn_policy(
+    groups: list[LayerGroup], trainable: set[int], policy: BatchNormPolicy, training: bool
+) -> list[_BatchNorm]:
     """Set mode, statistics tracking and affine `requires_grad` of every BN layer from the frozen set.
 
-    Run after `requires_grad` of the groups was set; idempotent, so it can be re-applied whenever Lightning
-    may have put the module back into train mode.
+    Run after `requires_grad` of the groups was set; idempotent. Returns the layers held in eval mode, for
+    `hold_eval` to re-apply after Lightning put the module back into train mode.
     """
     for i, group in enumerate(groups):
         frozen = i not in trainable
@@ -69,16 +71,21 @@ def apply_bn_policy(groups: list[LayerGroup], trainable: set[int], policy: Batch
                 # track_running_stats=False in train mode: batch statistics, buffers untouched; eval still uses them.
                 bn.track_running_stats = not frozen or policy.update_stats
                 bn.train(training)
+    held = eval_held(groups, trainable, policy)
     if training:
-        apply_bn_modes(groups, trainable, policy)
+        hold_eval(held)
+    return held
 
 
-def apply_bn_modes(groups: list[LayerGroup], trainable: set[int], policy: BatchNormPolicy) -> None:
-    """Only the eval-mode part, cheap enough for every training batch (Lightning restores train mode after eval)."""
+def eval_held(groups: list[LayerGroup], trainable: set[int], policy: BatchNormPolicy) -> list[_BatchNorm]:
+    """The BN layers the policy holds in eval mode: those with statistics in frozen groups (`policy.eval_mode`)."""
     if not policy.eval_mode:
-        return
-    for i, group in enumerate(groups):
-        if i not in trainable:
-            for bn in batch_norms(group):
-                if _has_stats(bn):
-                    bn.eval()
+        return []
+    return [bn for i, group in enumerate(groups) if i not in trainable for bn in batch_norms(group) if _has_stats(bn)]
+
+
+def hold_eval(bns: list[_BatchNorm]) -> None:
+    """Put them back in eval mode: cheap enough for every training batch (Lightning restores train mode after
+    validation, possibly mid-epoch)."""
+    for bn in bns:
+        bn.train(False)

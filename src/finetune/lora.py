@@ -18,7 +18,7 @@ from torch import nn
 
 from src.backbones.base import Backbone
 from src.backbones.groups import check_partition
-from src.finetune.bn import BatchNormPolicy, apply_bn_modes, apply_bn_policy
+from src.finetune.bn import BatchNormPolicy, apply_bn_policy, hold_eval
 from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy, count_trainable
 from src.schema import check
 
@@ -84,10 +84,11 @@ class LoraSchedule(pl.Callback):
 
     def __init__(self, bn: BatchNormPolicy) -> None:
         self.bn = bn
+        self.eval_bns: list[nn.Module] = []
 
     def _freeze(self, pl_module: pl.LightningModule) -> None:
         set_lora_trainable(pl_module.backbone)
-        apply_bn_policy(pl_module.backbone.layer_groups(), set(), self.bn, pl_module.training)
+        self.eval_bns = apply_bn_policy(pl_module.backbone.layer_groups(), set(), self.bn, pl_module.training)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._freeze(pl_module)
@@ -101,7 +102,7 @@ class LoraSchedule(pl.Callback):
         self._freeze(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, i: int) -> None:
-        apply_bn_modes(pl_module.backbone.layer_groups(), set(), self.bn)
+        hold_eval(self.eval_bns)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if merged := merge_adapters(pl_module.backbone):

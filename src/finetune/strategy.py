@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from src.backbones.base import Backbone, LayerGroup
-from src.finetune.bn import BatchNormPolicy, apply_bn_modes, apply_bn_policy
+from src.finetune.bn import BatchNormPolicy, apply_bn_policy, hold_eval
 from src.module import LossTerm
 from src.registry import Registry
 from src.schema import ConfigError, blame
@@ -160,6 +160,7 @@ class FreezeSchedule(pl.Callback):
         self.strategy = strategy
         self.groups: list[LayerGroup] = []
         self.trainable: set[int] = set()
+        self.eval_bns: list[nn.Module] = []  # batch norms the policy holds in eval mode
         self.ddp_dynamic = False  # set in setup: a DDP fit whose trainable set changes (see the module docstring)
 
     @property
@@ -169,7 +170,7 @@ class FreezeSchedule(pl.Callback):
     def _freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.trainable = self.strategy.trainable_groups(trainer.current_epoch, len(self.groups))
         set_trainable(self.groups, self.trainable)
-        apply_bn_policy(self.groups, self.trainable, self.bn, pl_module.training)
+        self.eval_bns = apply_bn_policy(self.groups, self.trainable, self.bn, pl_module.training)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.groups = pl_module.backbone.layer_groups()
@@ -200,4 +201,4 @@ class FreezeSchedule(pl.Callback):
         scale_lrs(trainer, self.strategy, len(self.groups))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, idx: int) -> None:
-        apply_bn_modes(self.groups, self.trainable, self.bn)
+        hold_eval(self.eval_bns)
