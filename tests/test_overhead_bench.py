@@ -1,5 +1,5 @@
 """Benchmark P1, framework overhead: training steps/s of `src.run` full fine-tuning (MiniLM on SST-2, batch 32,
-AdamW, constant LR) vs a plain PyTorch loop over the same data module, model, optimizer and thread count.
+AdamW, constant LR, gradient clipping at norm 1) vs a plain PyTorch loop over the same data module, model, optimizer and thread count.
 
     python -m tests.test_overhead_bench                  # 3 alternating repeats of 30 steps each, best of each side
     python -m tests.test_overhead_bench --steps 10 --repeats 1   # a quick check
@@ -36,6 +36,7 @@ from tests.conftest import run_cli, shared
 BATCH = 32
 LR = 1e-4
 WEIGHT_DECAY = 0.01
+CLIP = 1.0  # gradient clipping by global norm, on both sides (the trainer's default recipe)
 
 
 def data_cfg(steps: int) -> dict[str, Any]:
@@ -61,6 +62,7 @@ def framework_seconds(steps: int, threads: int, root: Path) -> float:
         "optim.scheduler=constant",
         "optim.warmup_ratio=0",
         f"regularization.weight_decay={WEIGHT_DECAY}",
+        f"trainer.gradient_clip_val={CLIP}",
         "trainer.max_epochs=1",
         "+trainer.limit_val_batches=1",  # one batch: the run needs its objective
         "+trainer.limit_test_batches=1",
@@ -85,7 +87,7 @@ def framework_seconds(steps: int, threads: int, root: Path) -> float:
 
 
 def plain_seconds(steps: int, threads: int) -> float:
-    """The same model, optimizer parameter groups and batches in a bare PyTorch loop."""
+    """The same model, optimizer parameter groups, gradient clipping and batches in a bare PyTorch loop."""
     torch.set_num_threads(threads)
     pl.seed_everything(0)
     backbone = BACKBONES.build({"name": "minilm"})
@@ -102,6 +104,7 @@ def plain_seconds(steps: int, threads: int) -> float:
     for batch in dm.train_dataloader():
         loss = criterion(head(backbone(batch)), batch["labels"])
         loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], CLIP)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
