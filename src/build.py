@@ -180,11 +180,19 @@ def backbone(cfg: RunConfig, raw: DictConfig, strategy: Strategy, client: Mlflow
 
 
 class EpochCheckpoint(ModelCheckpoint):
-    """`best.ckpt` on the objective plus `last.ckpt` (the resume point) every epoch; in an epoch that improves,
+    """`best.ckpt` on the objective plus `last.ckpt` (the resume point) after every epoch.
+
+    Lightning, saving at epoch end, writes `last.ckpt` only in epochs that write a top-k checkpoint, so the
+    resume point would be the last *improving* epoch; here every epoch writes it. In an epoch that improves,
     `last.ckpt` links to the `best.ckpt` just written instead of writing the same state again (a frozen
     backbone's checkpoint is the whole backbone: the second write cost a cached linear-probe epoch a third of
     its time). Lightning's `save_last="link"` would also link in epochs that do not improve, to an older state.
     """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
