@@ -1,5 +1,6 @@
 """Benchmark P1, framework overhead: training steps/s of `src.run` full fine-tuning (MiniLM on SST-2, batch 32,
-AdamW, constant LR, gradient clipping at norm 1) vs a plain PyTorch loop over the same data module, model, optimizer and thread count.
+AdamW, constant LR, gradient clipping at norm 1) vs a plain PyTorch loop over the same data module, model,
+optimizer, clipping and thread count.
 
     python -m tests.test_overhead_bench                  # 3 alternating repeats of 30 steps each, best of each side
     python -m tests.test_overhead_bench --steps 10 --repeats 1   # a quick check
