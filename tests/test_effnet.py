@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from src.backbones import BACKBONES
 from src.backbones.efficientnet_lite import EfficientNetLite, weights_path
 from src.backbones.groups import check_partition
+from src.cache import Cache
 from src.data import DATA
 from src.data.image_folder import ImageDecoder, ImageFiles
 from src.finetune import FINETUNE
@@ -136,7 +137,9 @@ def test_decoded_images_are_cached_across_epochs_and_runs(tmp_path: Path) -> Non
         for i in range(2):
             Image.new("RGB", (80, 60), colour).save(train / name / f"{i}.png")
     preprocessing = effnet(0).preprocessing
+    store = tmp_path / "cache"  # data.cache_dir (= cache.dir in a run's config)
     node = {"name": "image_folder", "train_dir": str(train), "val_dir": str(train), "image_size": 48}
+    node["cache_dir"] = str(store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cached = DATA.build(node, preprocessing=preprocessing, seed=0)
@@ -152,8 +155,9 @@ def test_decoded_images_are_cached_across_epochs_and_runs(tmp_path: Path) -> Non
             raise AssertionError(f"{path} decoded again")
 
     # a later run on the same files and settings reads the disk cache
-    again = ImageFiles(val.files, val.labels, NoDecoding("RGB", 55, 48), val.transform, cache=True)
+    again = ImageFiles(val.files, val.labels, NoDecoding("RGB", 55, 48), val.transform, Cache("images", str(store)))
     assert torch.equal(again.cached, val.cached)
+    assert any((store / "images").iterdir())
     for path in train.rglob("*.png"):
         path.unlink()  # a cached dataset never reads the files again
     assert torch.equal(val[0]["pixel_values"], before)

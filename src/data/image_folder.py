@@ -63,6 +63,7 @@ class ImageFolderConfig(DataConfig):
     image_size: int | None = None  # None: the backbone's preprocessing.image_size, else 224
     hflip: bool = True  # random horizontal flip, training split only
     cache_images: bool = True  # decoded, resized images in memory + disk cache (uint8: 3 * image_size**2 bytes each)
+    cache_dir: str | None = None  # disk cache root; None: $TRANSFER_LAB_CACHE, else ~/.cache/transfer-lab
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
     label_names: Any = None  # class names for the sorted sub-folders, in that order: a list or a file; None: folders
 
@@ -186,18 +187,23 @@ def image_transform(preprocessing: Preprocessing, hflip: bool) -> Transform:
 
 
 class ImageFiles(Dataset):
-    """Image files, decoded on every access, or once when ``cache`` is set: then the whole split is one uint8
+    """Image files, decoded on every access, or once when a ``store`` is given: then the whole split is one uint8
     tensor in memory, also stored in the shared on-disk cache (`src.cache`, namespace ``images``) under the
     files' contents and the decoder settings, so later runs and sweep jobs on the same folder skip decoding.
     """
 
     def __init__(
-        self, files: list[Path], labels: list[int] | None, decode: ImageDecoder, transform: Transform, cache: bool
+        self,
+        files: list[Path],
+        labels: list[int] | None,
+        decode: ImageDecoder,
+        transform: Transform,
+        store: Cache | None,
     ) -> None:
         self.files, self.labels, self.decode, self.transform = files, labels, decode, transform
         self.cached: torch.Tensor | None = None
-        if cache:
-            start, store = time.perf_counter(), Cache("images")
+        if store is not None:
+            start = time.perf_counter()
             key = fingerprint(decode.settings(), [file_digest(path) for path in files])
             self.cached = store.get_or_compute(key, lambda: torch.stack([decode(path) for path in files]))
             how = "decoded" if store.stats.misses else f"loaded from {store.dir}"
@@ -238,7 +244,8 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def _dataset(self, files: list[Path], labels: list[int] | None, train: bool) -> ImageFiles:
         transform = image_transform(self.preprocessing, hflip=train and self.cfg.hflip)
-        return ImageFiles(files, labels, self.decoder, transform, self.cfg.cache_images)
+        store = Cache("images", self.cfg.cache_dir) if self.cfg.cache_images else None
+        return ImageFiles(files, labels, self.decoder, transform, store)
 
     def _files(self, key: str) -> tuple[list[str], list[Path], list[str]]:
         return scan_folder(key, Path(getattr(self.cfg, key)), self.cfg.extensions, min_side=self.image_size)
