@@ -84,6 +84,7 @@ def _data_config(option: str | None, overrides: dict[str, str], client: MlflowCl
             raise ConfigError(f"data: {option!r} is no file, folder or data option; options: {', '.join(options)}")
         with blame("data"), initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=[f"data={option}", *dotlist])
+            OmegaConf.resolve(cfg)  # the group refers to the root (cache_dir: the run's cache.dir)
         node, seed = cfg.data, 0
     else:
         stored = _stored_config(client, run_id)
