@@ -131,7 +131,8 @@ class TransferModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log_dict({"train/loss": self.train_loss.compute(), "train/acc": self.train_acc.compute()})
+        if self.train_loss.update_count:  # an epoch may end without a step (resumed at its end, limit 0)
+            self.log_dict({"train/loss": self.train_loss.compute(), "train/acc": self.train_acc.compute()})
         self.train_loss.reset()
         self.train_acc.reset()
 
