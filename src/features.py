@@ -25,6 +25,7 @@ of every data file, the seed that draws subsets and splits), the split and the d
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -108,7 +109,10 @@ def preprocessing_identity(p: Preprocessing) -> dict[str, Any]:
     if p.modality == "text":
         tokenizer = p.tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+        if backend is None:
+            definition: Any = sorted(tokenizer.get_vocab().items())
+        else:  # without the truncation/padding state that calling the tokenizer sets (max_length is in the data key)
+            definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
         return {"tokenizer": type(tokenizer).__name__, "definition": fingerprint(definition)}
     return {"image_size": p.image_size, "channels": p.channels, "mean": list(p.mean), "std": list(p.std)}
 

@@ -20,7 +20,7 @@ from src.cache import Cache, CacheConfig
 from src.cache import main as cache_main
 from src.config import validate
 from src.data import DATA
-from src.features import CachedSplit, FeatureCache
+from src.features import CachedSplit, FeatureCache, preprocessing_identity
 from src.finetune import FINETUNE
 from src.module import ClassifierHead, TransferModule
 from src.train import run
@@ -146,6 +146,14 @@ def test_every_part_of_the_key_misses(tmp_path: Path, minilm: Any) -> None:
     assert misses() == 0
     data.write_text(data.read_text().replace("number 3", "number three"))  # the data file edited in place
     assert misses() == 2
+
+
+def test_tokenizer_call_settings_are_not_part_of_the_key(minilm: Any) -> None:
+    """Calling a fast tokenizer leaves its truncation/padding settings in the backend's definition: a sweep's
+    third trial missed every entry until the key ignored them (max_length is in the data key)."""
+    before = preprocessing_identity(minilm.preprocessing)
+    minilm.preprocessing.tokenizer(["a fine film"], truncation=True, max_length=7, padding="max_length")
+    assert preprocessing_identity(minilm.preprocessing) == before
 
 
 @pytest.mark.parametrize(("strategy", "cut"), [({}, 8), ({"name": "partial", "k": 3}, 3)])
