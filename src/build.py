@@ -196,8 +196,8 @@ class EpochCheckpoint(ModelCheckpoint):
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
-        saved_now = self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved
-        if saved_now and self._last_checkpoint_saved == self.best_model_path:
+        best_saved_now = self._last_global_step_saved == trainer.global_step and self.best_model_path
+        if best_saved_now and self._last_checkpoint_saved == self.best_model_path:
             self.last_model_path = last
             self._link_checkpoint(trainer, self.best_model_path, last)
             return

@@ -435,25 +435,11 @@ def test_hub_dataset_saved_to_disk(tmp_path: Path, text_pre: Preprocessing) -> N
     rows = {"sentence": [f"text {i}" for i in range(12)], "label": ["neg", "pos"] * 6}
     data = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "dev": datasets.Dataset.from_dict(rows)})
     data.save_to_disk(tmp_path / "saved")
-    dm = build(
-        {
-            "name": "text_table",
-            "hf_dataset": str(tmp_path / "saved"),
-            "val_split": "dev",
-            "cache_dir": str(tmp_path / "c"),
-        },
-        text_pre,
-    )
+    node = {"name": "text_table", "hf_dataset": str(tmp_path / "saved"), "val_split": "dev"}
+    node["cache_dir"] = str(tmp_path / "c")
+    dm = build(node, text_pre)
     assert dm.class_names == ["neg", "pos"] and len(dm.val_dataloader().dataset) == 12
-    again = build(
-        {
-            "name": "text_table",
-            "hf_dataset": str(tmp_path / "saved"),
-            "val_split": "dev",
-            "cache_dir": str(tmp_path / "c"),
-        },
-        text_pre,
-    )
+    again = build(node, text_pre)
     assert again.cache.stats.hits == 2
 
 

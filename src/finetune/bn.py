@@ -61,6 +61,7 @@ def apply_bn_policy(
     Run after `requires_grad` of the groups was set; idempotent. Returns the layers held in eval mode, for
     `hold_eval` to re-apply after Lightning put the module back into train mode.
     """
+    held: list[_BatchNorm] = []  # with statistics, in frozen groups, under `policy.eval_mode`
     for i, group in enumerate(groups):
         frozen = i not in trainable
         for bn in batch_norms(group):
@@ -71,17 +72,11 @@ def apply_bn_policy(
                 # track_running_stats=False in train mode: batch statistics, buffers untouched; eval still uses them.
                 bn.track_running_stats = not frozen or policy.update_stats
                 bn.train(training)
-    held = eval_held(groups, trainable, policy)
+                if frozen and policy.eval_mode:
+                    held.append(bn)
     if training:
         hold_eval(held)
     return held
-
-
-def eval_held(groups: list[LayerGroup], trainable: set[int], policy: BatchNormPolicy) -> list[_BatchNorm]:
-    """The BN layers the policy holds in eval mode: those with statistics in frozen groups (`policy.eval_mode`)."""
-    if not policy.eval_mode:
-        return []
-    return [bn for i, group in enumerate(groups) if i not in trainable for bn in batch_norms(group) if _has_stats(bn)]
 
 
 def hold_eval(bns: list[_BatchNorm]) -> None:
