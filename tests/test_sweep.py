@@ -18,10 +18,20 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 
 from src.sweep.config import conditions, grid_size, load, pruner, sampler, search_space, suggest
 from src.sweep.schema import PRUNERS, SAMPLERS, SweepConfig, SweepError
-from src.sweep.storage import HeartbeatJournalStorage, load_study, open_storage
+from src.sweep.storage import (
+    PASSWORD_ENV,
+    HeartbeatJournalStorage,
+    display_url,
+    hand_over_password,
+    load_study,
+    open_storage,
+    url_password,
+    with_password,
+)
 from src.sweep.study import cli_distribution, counted_trials, override_value
 from tests.cluster.services import postgres
 from tests.conftest import REPO, run_cli
@@ -161,16 +171,40 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_postgresql_storage_with_two_joblib_workers(tmp_path: Path, postgres_url: str) -> None:
-    """Any RDB URL: the cluster recipe's storage, with parallel workers; the password never reaches MLflow."""
-    sweep(tmp_path, SHORT, "sweep.n_trials=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", storage=postgres_url)
+def test_postgresql_storage_with_a_password_that_no_written_file_holds(tmp_path: Path, postgres_url: str) -> None:
+    """The cluster recipe's storage, with parallel workers, on a server that asks for a password: the sweep
+    completes (every job got the password), and the password is in no file the sweep wrote (outputs, multirun,
+    MLflow artifacts and database) and on no line it printed."""
+    password = make_url(postgres_url).password
+    proc = sweep(
+        tmp_path, SHORT, "sweep.n_trials=3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", storage=postgres_url
+    )
     trials = study(tmp_path, postgres_url).trials
-    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert [t.number for t in trials] == [0, 1, 2]
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     parent, children = mlflow_runs(tmp_path)
-    assert len(children) == 4
-    assert "secret" not in str(parent.data.params) + str(parent.data.tags)
-    assert parent.data.tags["optuna_storage"].startswith("postgresql+psycopg://postgres:***@localhost")
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert parent.data.tags["optuna_storage"].startswith("postgresql+psycopg://postgres@localhost")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 30 and any(p.name == "overrides.yaml" for p in written)
+    assert [p for p in written if password.encode() in p.read_bytes()] == []
+    assert password not in proc.stdout + proc.stderr
+    assert "#0 : " in proc.stdout + proc.stderr, "the launcher printed the jobs' overrides"
+
+
+def test_a_storage_password_travels_in_the_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    url = "postgresql+psycopg://me:s3cr%40t@db:5432/optuna"
+    bare = hand_over_password(url)
+    assert bare == "postgresql+psycopg://me@db:5432/optuna"
+    assert os.environ[PASSWORD_ENV] == "s3cr@t"
+    assert make_url(with_password(bare)).password == "s3cr@t"
+    assert display_url(with_password(bare)) == "postgresql+psycopg://me:***@db:5432/optuna"
+    assert with_password("postgresql://me:other@db/x") == "postgresql://me:other@db/x", "a URL's own password wins"
+    assert hand_over_password("/tmp/optuna.journal") == "/tmp/optuna.journal"
+    assert url_password(url) == "s3cr%40t" and url_password(bare) is None and url_password("/x.journal") is None
+    monkeypatch.delenv(PASSWORD_ENV)
+    assert with_password(bare) == bare, "no password anywhere: libpq's PGPASSWORD / ~/.pgpass apply"
 
 
 def test_failing_trials_are_recorded_and_the_sweep_completes(tmp_path: Path) -> None:

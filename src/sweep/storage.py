@@ -9,6 +9,7 @@ processes and on NFS, where SQLite's locking is not).
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from contextlib import suppress
@@ -29,6 +30,9 @@ from src.tracking import resolve_uri
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "optuna.journal"
+# The storage password travels to jobs in this variable, never as an override: Hydra writes a job's overrides and
+# config to disk and the launchers print them. Users may also set it themselves (or use PGPASSWORD / ~/.pgpass).
+PASSWORD_ENV = "TRANSFER_LAB_STORAGE_PASSWORD"
 HEARTBEAT_ATTR = "heartbeat"
 SQLITE_BUSY_TIMEOUT_S = 120
 
@@ -65,6 +69,44 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def hand_over_password(url: str) -> str:
+    """`url` without its password, which moves to `PASSWORD_ENV` for this process and every job it launches
+    (launchers pass the environment on: joblib, submitit, sbatch's default `--export=ALL`)."""
+    if is_journal(url):
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.password is None:
+        return url
+    os.environ[PASSWORD_ENV] = str(parsed.password)
+    log.warning(
+        "sweep.storage carries a password: it was taken out of every job's config and log, but your shell history "
+        "may keep it; next time set %s (or PGPASSWORD, ~/.pgpass) and leave it out of the URL",
+        PASSWORD_ENV,
+    )
+    return parsed._replace(password=None).render_as_string(hide_password=False)  # set() ignores None
+
+
+def url_password(url: str) -> str | None:
+    """The password as written in the URL (percent-encoded), to find it in other strings."""
+    if is_journal(url) or "@" not in url.split("://", 1)[1]:
+        return None
+    userinfo = url.split("://", 1)[1].rsplit("@", 1)[0]
+    return userinfo.split(":", 1)[1] if ":" in userinfo else None
+
+
+def with_password(url: str) -> str:
+    """The URL to connect with: the password from `PASSWORD_ENV` when the URL has none."""
+    password = os.environ.get(PASSWORD_ENV)
+    if is_journal(url) or not password:
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return url if parsed.password is not None else parsed.set(password=password).render_as_string(hide_password=False)
+
+
 def open_storage(url: str, settings: SweepConfig) -> BaseStorage:
     """A journal file (`*.journal` path) or an RDB URL, with heartbeats and retry of dead workers' trials."""
     retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
@@ -75,7 +117,7 @@ def open_storage(url: str, settings: SweepConfig) -> BaseStorage:
         )
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite") else None
     return RDBStorage(
-        url,
+        with_password(url),
         engine_kwargs=engine_kwargs,
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,

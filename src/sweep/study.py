@@ -31,7 +31,7 @@ from src.config import RunConfig, validate
 from src.schema import ConfigError
 from src.sweep import config as sweep_config
 from src.sweep.schema import SweepConfig, SweepError
-from src.sweep.storage import Heartbeat, display_url, open_storage, resolve
+from src.sweep.storage import Heartbeat, display_url, hand_over_password, open_storage, resolve, url_password
 from src.sweep.tracking import StudyRun, study_params
 from src.sweep.trial import ERROR_ATTR, ROLE_TAG, STORAGE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking.mlflow_run import git_commit
@@ -86,10 +86,26 @@ class StudySweep:
         if len(self.metrics) > 1 and self.settings.pruner != "none":
             raise SweepError("sweep.pruner: Optuna prunes single-objective studies only; use sweep.pruner=none")
         self.name = self.settings.study_name or config.hydra.runtime.choices.get("sweep")
-        self.url = resolve(self.settings.storage, self.run_cfg.tracking.uri, self.launch_dir)
+        url = resolve(self.settings.storage, self.run_cfg.tracking.uri, self.launch_dir)
+        self.url = hand_over_password(url)
+        self.forget_password(config, url_password(url))
         self.split_arguments(arguments)
         self.when = sweep_config.conditions(self.settings.params)
         self.n_trials = self.count_trials()
+
+    def forget_password(self, config: DictConfig, secret: str | None) -> None:
+        """The sweep's own config (saved as multirun.yaml and sweep.yaml, composed into every job) with the storage
+        URL that `hand_over_password` moved the password out of, and no other trace of it (the overrides, Hydra's
+        override_dirname)."""
+        with open_dict(config):
+            if config.sweep.get("storage") is not None:
+                config.sweep.storage = self.url
+            if secret:
+                job = config.hydra.job
+                job.override_dirname = job.override_dirname.replace(secret, "***")
+                task = config.hydra.overrides.task
+                for i, override in enumerate(task):
+                    task[i] = override.replace(secret, "***")
 
     def split_arguments(self, arguments: list[str]) -> None:
         """Command-line overrides: plain ones go to every job (and fix a swept key), sweeps become dimensions."""

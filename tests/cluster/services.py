@@ -5,6 +5,7 @@ its own artifact root. Each skips the test with the reason where it cannot run h
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -39,26 +40,37 @@ def free_port() -> int:
 
 @contextmanager
 def postgres(*databases: str) -> Iterator[str]:
-    """A PostgreSQL server with `databases`; yields its URL without a database (`postgresql+psycopg://...:port`)."""
+    """A PostgreSQL server with `databases` that asks for a password (scram-sha-256, as a real server does), so a
+    secret that fails to reach a job fails the test; yields its URL with that password and without a database
+    (`postgresql+psycopg://postgres:<password>@localhost:port`)."""
     pytest.importorskip("psycopg")
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not bins:
         pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses root
     data = Path(tempfile.mkdtemp(prefix="test-pg-"))
+    password = f"pw{secrets.token_hex(12)}"
+    pwfile = data / "pwfile"
+    pwfile.write_text(password + "\n")
     if as_postgres:
         shutil.chown(data, "postgres")
+        shutil.chown(pwfile, "postgres")
+    cluster = data / "cluster"
     port = free_port()
     pg = bins[-1].parent
-    subprocess.run([*as_postgres, pg / "initdb", "-D", data, "-A", "trust", "-U", "postgres"], check=True)
-    server = ["-D", data, "-o", f"-p {port} -k {data} -c listen_addresses=localhost", "-l", data / "log"]
-    subprocess.run([*as_postgres, pg / "pg_ctl", *server, "-w", "start"], check=True)
+    init = [pg / "initdb", "-D", cluster, "-A", "scram-sha-256", f"--pwfile={pwfile}", "-U", "postgres"]
+    subprocess.run([*as_postgres, *init], check=True, capture_output=True)
+    server = ["-D", cluster, "-o", f"-p {port} -k {data} -c listen_addresses=localhost", "-l", data / "log"]
+    subprocess.run([*as_postgres, pg / "pg_ctl", *server, "-w", "start"], check=True, capture_output=True)
+    env = {**os.environ, "PGPASSWORD": password}
     try:
         for db in databases:
-            subprocess.run([*as_postgres, pg / "createdb", "-h", "localhost", "-p", str(port), db], check=True)
-        yield f"postgresql+psycopg://postgres:secret@localhost:{port}"
+            subprocess.run(
+                [pg / "createdb", "-h", "localhost", "-p", str(port), "-U", "postgres", db], check=True, env=env
+            )
+        yield f"postgresql+psycopg://postgres:{password}@localhost:{port}"
     finally:
-        subprocess.run([*as_postgres, pg / "pg_ctl", "-D", data, "-m", "immediate", "stop"], check=False)
+        subprocess.run([*as_postgres, pg / "pg_ctl", "-D", cluster, "-m", "immediate", "stop"], check=False)
         shutil.rmtree(data, ignore_errors=True)
 
 
