@@ -141,7 +141,7 @@ def measure_acceptance(samples: int = 4000, epochs: int = 10) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_cache_speeds_up_a_probe_sweep() -> None:
     figures = measure_sweep(trials=3, epochs=3, samples=300, val_batches=5)
     print(json.dumps(figures))

@@ -144,7 +144,7 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_da_benchmark() -> None:
     summary = summarise(measure())
     print(format_table(summary))

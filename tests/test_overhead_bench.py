@@ -133,7 +133,7 @@ def measure(steps: int = 30, repeats: int = 3, threads: int | None = None) -> di
     }
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_framework_overhead() -> None:
     figures = measure(steps=10, repeats=1)
     print(json.dumps(figures))

@@ -66,7 +66,7 @@ def measure() -> dict[str, Any]:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_acceptance_figures() -> None:
     shared("sst2")
     figures = measure()

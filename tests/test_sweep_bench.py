@@ -62,7 +62,7 @@ def measure() -> dict[str, Any]:
         return {**measure_pruning(Path(root)), "resume": measure_resume(Path(root))}
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_acceptance_figures() -> None:
     figures = measure()
     print(json.dumps(figures))

@@ -71,7 +71,7 @@ def measure(workdir: Path, preprocessing: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_second_setup_under_a_tenth_of_the_first(tmp_path: Path, text_pre: Any) -> None:
     result = measure(tmp_path, text_pre)
     assert result["second_over_first"] < 0.1, result
