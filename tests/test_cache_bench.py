@@ -5,7 +5,7 @@ issue's acceptance run (one 10-epoch linear probe on 4,000 sentences, then the s
     python -m tests.test_cache_bench                                   # the full P2 (hours with the cache off on a CPU)
     python -m tests.test_cache_bench --trials 3 --epochs 3 --samples 300 --val-batches 5   # a quick check
     python -m tests.test_cache_bench --acceptance                      # the single-run acceptance instead
-    python -m pytest -m slow tests/test_cache_bench.py -s              # the quick check as a test
+    python -m pytest -m bench tests/test_cache_bench.py -s              # the quick check as a test
 
 Each prints ONE JSON line. Per trial: its MLflow run's wall time; epochs: the time between consecutive validation
 results (so epoch 1's includes nothing before training: the encoding pass is `encode_s`, the cache's own timer).

@@ -4,7 +4,7 @@ back from MLflow:
 
     python -m tests.test_da_bench                 # prints the table, then ONE JSON line
     python -m tests.test_da_bench invert,rotate   # other shifts
-    python -m pytest -m slow tests/test_da_bench.py -s
+    python -m pytest -m bench tests/test_da_bench.py -s
 
 Per shift: source-only (`adapt=none`), each adaptation method, and the target oracle (`adapt=oracle`: trained on the
 labelled target images), over SEEDS. Target accuracy is on the held-out labelled target test images at the last

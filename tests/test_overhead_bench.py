@@ -4,7 +4,7 @@ optimizer, clipping and thread count.
 
     python -m tests.test_overhead_bench                  # 3 alternating repeats of 30 steps each, best of each side
     python -m tests.test_overhead_bench --steps 10 --repeats 1   # a quick check
-    python -m pytest -m slow tests/test_overhead_bench.py -s
+    python -m pytest -m bench tests/test_overhead_bench.py -s
 
 Prints ONE JSON line. `src.run`'s time is Lightning's `run_training_epoch` (SimpleProfiler): every training step
 with its data loading, callbacks and logging (and one validation batch), not setup or checkpointing; the plain loop's is

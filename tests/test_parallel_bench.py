@@ -3,7 +3,7 @@ joblib launcher with 2 workers vs 1: trials per hour and trials lost.
 
     python -m tests.test_parallel_bench                 # 20 trials of 6 epochs per side
     python -m tests.test_parallel_bench --trials 6 --epochs 3   # a quick check
-    python -m pytest -m slow tests/test_parallel_bench.py -s
+    python -m pytest -m bench tests/test_parallel_bench.py -s
 
 Prints ONE JSON line. Each worker gets cores / workers torch threads (OMP_NUM_THREADS), so 2 workers do not fight
 over the same cores.

@@ -2,7 +2,7 @@
 GLUE dev 872, labelled test 1,821), each recipe run through the real CLI on CPU and read back from MLflow:
 
     python -m tests.test_sst2_bench           # prints ONE JSON line at the end (about 15 min on 2 cores)
-    python -m pytest -m slow tests/test_sst2_bench.py -s
+    python -m pytest -m bench tests/test_sst2_bench.py -s
 """
 
 from __future__ import annotations

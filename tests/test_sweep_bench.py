@@ -5,7 +5,7 @@
 2. kill a sweep (SIGKILL) after some finished trials, relaunch it: finished trials lost.
 
     python -m tests.test_sweep_bench          # prints ONE JSON line at the end
-    python -m pytest -m slow tests/test_sweep_bench.py -s
+    python -m pytest -m bench tests/test_sweep_bench.py -s
 """
 
 from __future__ import annotations
