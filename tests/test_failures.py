@@ -151,8 +151,16 @@ def minilm_preprocessing():
             "data.train_path: .* not valid utf-8: .* byte offset 0",
         ),
         (b"sentence\tlabel\ngood\t1\nfine\t1\nnice\t1\n", "needs at least 2"),
+        (
+            b"sentence\tlabel\n" + b"".join(f"s{i}\t{i * 0.37 % 5:.2f}\n".encode() for i in range(60)),
+            "label_column 'label' looks continuous: 60 distinct numbers in 60 rows .* regression",
+        ),
+        (
+            b"sentence\tlabel\na\tx\nb\ty\nc\tz\nd\tw\n",
+            "label_column 'label' has as many distinct values as rows \\(4\\)",
+        ),
     ],
-    ids=["empty", "header_only", "binary", "one_class"],
+    ids=["empty", "header_only", "binary", "one_class", "continuous", "distinct_per_row"],
 )
 def test_bad_data_files_are_config_errors(tmp_path: Path, minilm_preprocessing, content: bytes, message: str) -> None:
     path = tmp_path / "train.tsv"

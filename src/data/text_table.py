@@ -198,6 +198,35 @@ def sorted_labels(labels: list[str]) -> list[str]:
         return sorted(unique)
 
 
+def check_class_labels(labels: list[str], where: str, column: str) -> None:
+    """Refuse a label column that cannot be classes, before any compute: real numbers (a regression target such as
+    STS-B's `score`, which would silently become hundreds of classes) or a distinct value on every row."""
+    distinct = set(labels)
+    numbers = [as_float(x) for x in distinct]
+    if len(distinct) > 2 and all(x is not None for x in numbers):
+        fractional = sum(not float(x).is_integer() for x in numbers)
+        if fractional > len(distinct) / 2 or len(distinct) > max(50, len(labels) / 2):
+            shown = ", ".join(sorted(distinct, key=lambda x: float(x))[:5])
+            raise ConfigError(
+                f"{where}: label_column {column!r} looks continuous: {len(distinct)} distinct numbers in "
+                f"{len(labels)} rows ({shown}, ...), which a classifier would treat as that many classes: a regression "
+                "target needs a regression task, which this version does not have yet (integer class ids: declare "
+                "them with label_names)"
+            )
+    if len(labels) > 2 and len(distinct) == len(labels):
+        raise ConfigError(
+            f"{where}: label_column {column!r} has as many distinct values as rows ({len(labels)}): every row would "
+            "be its own class; point label_column at the class column"
+        )
+
+
+def as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def label_text(value: Any) -> str | None:
     """A label cell as text: None/empty -> None; integral floats (Parquet/JSON ``1.0``) -> ``"1"``."""
     if value is None:
@@ -494,6 +523,8 @@ class TextTableDataModule(ClassificationDataModule):
             names = read_label_names("label_names", self.cfg.label_names)
         else:  # class names the source declares (hub ClassLabel): its labels are 0-based indices
             names, base = train["label_names"], 0 if base is None else base
+        if names is None:  # classes come from the data: make sure they are classes
+            check_class_labels(train["labels"], sources["train"].where, self.cfg.label_column)
         index = LabelIndex(train["labels"], names, base, sources["train"].key)
         rows, labels = self._labels(train, index, sources["train"].where)
         if "val" in entries:
