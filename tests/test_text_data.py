@@ -152,6 +152,18 @@ def test_explicit_format_for_an_unknown_extension(tmp_path: Path, text_pre: Prep
     assert dm.class_names == ["0", "1"]
 
 
+def test_more_column_names_than_fields_names_column_names(tmp_path: Path, text_pre: Preprocessing) -> None:
+    path = tmp_path / "data.tsv"
+    path.write_text("".join(f"text {i}\t{i % 2}\n" for i in range(10)))
+    node = {"name": "text_table", "train_path": str(path), "column_names": ["id", "sentence", "label"]}
+    with pytest.raises(
+        ConfigError,
+        match=r"column_names has 3 names \['id', 'sentence', 'label'\], but the file's "
+        r"rows have 2 fields",
+    ):
+        build(node, text_pre)
+
+
 # --- label names ----------------------------------------------------------------------------------------------
 
 

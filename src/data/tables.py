@@ -162,6 +162,12 @@ def _read_delimited(
     except pa.ArrowInvalid as e:
         raise ConfigError(f"{where}: cannot parse as {fmt}: {e}") from None
     warnings = []
+    actual = {count for _, _, count in invalid}
+    if column_names is not None and len(actual) == 1 and len(invalid) > table.num_rows:  # most rows: the names
+        raise ConfigError(
+            f"{where}: column_names has {len(column_names)} names {column_names}, but the file's rows have "
+            f"{actual.pop()} fields; give one name per field"
+        )
     if invalid:
         by_count: dict[tuple[int, int], list[int]] = {}
         for line, expected, actual in invalid:
