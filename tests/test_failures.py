@@ -109,7 +109,7 @@ def test_cli_error_is_one_line_exit_2_no_run_no_output_folder(tmp_path: Path, ca
         (["finetune=milestones", "finetune.milestones=[{epoch: 4, unfreeze: all}]"], "no layer group trains"),
         (["finetune=partial", "finetune.k=7"], "finetune: finetune.k=7, but the backbone has only 3 layer groups"),
         (["data.max_train_samples=1000"], "data.max_train_samples: 1000 asked, but the training split has only 50"),
-        (["data.labels_per_class=1000"], "data (digits): "),
+        (["data.labels_per_class=1000"], "data.labels_per_class + data.val_per_class = 1000 + "),
         (["backbone=hf", "backbone.model=/nonexistent/model"], "backbone (hf): "),
         (["finetune=lora", "finetune.target_modules=[nope]"], "finetune: "),
     ],

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from src.data import DATA
 from src.data.common import ClassificationDataModule, DataConfig, stratified_split
 from src.data.transforms import Compose, Normalize, RepeatChannels, Resize, Transform
+from src.schema import ConfigError
 
 if TYPE_CHECKING:  # no runtime import: src.backbones imports this module (small_cnn pretraining)
     from src.backbones.base import Preprocessing
@@ -127,6 +128,12 @@ class DigitsDataModule(ClassificationDataModule):
         keep = torch.isin(labels, torch.tensor(self.cfg.target_classes)).nonzero().squeeze(1)
         images = images[keep]
         labels = torch.tensor([index_of[int(digit)] for digit in labels[keep]], dtype=torch.long)
+        fewest = int(torch.bincount(labels).min())
+        if self.cfg.labels_per_class + self.cfg.val_per_class >= fewest:  # the rest is the test split
+            raise ConfigError(
+                f"data.labels_per_class + data.val_per_class = {self.cfg.labels_per_class} + {self.cfg.val_per_class}"
+                f", but the rarest target class has only {fewest} images (some must stay for test); lower them"
+            )
         train, val, test = stratified_split(
             labels.tolist(), lambda n: [self.cfg.labels_per_class, self.cfg.val_per_class], self.seed
         )
