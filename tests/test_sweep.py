@@ -32,7 +32,7 @@ from src.sweep.storage import (
     url_password,
     with_password,
 )
-from src.sweep.study import cli_distribution, counted_trials, override_value
+from src.sweep.study import checked_distribution, cli_distribution, counted_trials, override_value
 from tests.cluster.services import postgres
 from tests.conftest import REPO, run_cli
 
@@ -312,6 +312,13 @@ def test_command_line_dimensions() -> None:
     assert cli_distribution(lr) == optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
     assert cli_distribution(n) == optuna.distributions.IntDistribution(2, 7)
     assert cli_distribution(c) == optuna.distributions.CategoricalDistribution(["a", "b"])
+
+
+def test_an_invalid_command_line_range_is_the_users_mistake() -> None:
+    """A SweepError is a ConfigError: one line and exit 2 (src.errors), not the exit 1 of a bug."""
+    (lr,) = OverridesParser.create().parse_overrides(["optim.lr=tag(log,interval(0.0,1.0))"])
+    with pytest.raises(SweepError, match=r"optim.lr: .* is not a valid search range: .*low > 0"):
+        checked_distribution(lr)
 
 
 @pytest.mark.parametrize("value", ["full", "it's a \\ path: a=b,c", 0.1, 1e-20, 3, True, None])

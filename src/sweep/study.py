@@ -72,6 +72,14 @@ def cli_distribution(override: Override) -> BaseDistribution:
     raise SweepError(f"{override.key_or_group}: unsupported sweep {override.input_line!r}")
 
 
+def checked_distribution(override: Override) -> BaseDistribution:
+    """`cli_distribution`, with Optuna's refusal of a range (e.g. a log scale from 0) said as the user's mistake."""
+    try:
+        return cli_distribution(override)
+    except ValueError as e:
+        raise SweepError(f"{override.key_or_group}: {override.input_line!r} is not a valid search range: {e}") from None
+
+
 class StudySweep:
     """One launch of a sweep: resumes (or creates) the study and runs trials until it holds `n_trials`."""
 
@@ -111,7 +119,7 @@ class StudySweep:
         """Command-line overrides: plain ones go to every job (and fix a swept key), sweeps become dimensions."""
         parsed = OverridesParser.create(config_loader=self.config_loader).parse_overrides(arguments)
         fixed = [o for o in parsed if not o.is_sweep_override() and o.key_or_group not in SET_BY_SWEEPER]
-        dims = {o.key_or_group: cli_distribution(o) for o in parsed if o.is_sweep_override()}
+        dims = {o.key_or_group: checked_distribution(o) for o in parsed if o.is_sweep_override()}
         self.fixed = [o.input_line for o in fixed]
         self.fixed_values = {o.key_or_group: o.value() for o in fixed}
         space = sweep_config.search_space(self.settings.params)
