@@ -24,6 +24,18 @@ def check(cfg: RunConfig, launch_dir: Path) -> None:
     check_objective(cfg)
     check_trainer(cfg.trainer)
     check_tracking(cfg.tracking.uri, cfg.tracking.artifact_location, launch_dir)
+    check_cache(cfg.cache.dir, launch_dir)
+
+
+def check_cache(directory: str | None, launch_dir: Path) -> None:
+    """Every cache (features, tokenized tables, pretrained weights) lives under `cache.dir`: it must be a folder."""
+    if directory is None:
+        return
+    path = Path(directory).expanduser()
+    path = path if path.is_absolute() else launch_dir / path
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"cache.dir: {directory} is not a directory ({blocker} is a file)")
 
 
 def check_objective(cfg: RunConfig) -> None:

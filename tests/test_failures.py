@@ -91,6 +91,19 @@ def test_unwritable_tracking_store_names_tracking_uri(tmp_path: Path) -> None:
         preflight.check(validate(composed(f"tracking.uri=sqlite:///{blocker}/mlflow.db")), tmp_path)
 
 
+def test_cache_dir_that_is_a_file_names_cache_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for directory in (blocker, blocker / "sub"):
+        with pytest.raises(ConfigError, match=rf"^cache.dir: {directory} is not a directory \({blocker} is a file\)"):
+            preflight.check(validate(composed(f"cache.dir={directory}")), tmp_path)
+
+
+def test_resume_of_a_run_id_not_in_the_store_names_the_id(tmp_path: Path, capsys, restore_signals) -> None:
+    assert run_in_process(tmp_path, "resume=0123abcd") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("Error: resume: no run '0123abcd' in ")
+
+
 def test_cli_error_is_one_line_exit_2_no_run_no_output_folder(tmp_path: Path, capsys, restore_signals) -> None:
     assert run_in_process(tmp_path, "objective.metric=val/accuracy") == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -48,11 +48,12 @@ def requeued(output_dir: Path) -> ResumePoint | None:
 
 
 def _find_run(client: MlflowClient, experiment: str, which: str, uri: str) -> str:
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ConfigError(f"resume: no experiment {experiment!r} in {uri} (tracking.experiment)")
+    """A run id as given (a run is found by id in any experiment), or the experiment's newest stopped run."""
     if which != "last":
         return which
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError(f"resume=last: no experiment {experiment!r} in {uri} (tracking.experiment)")
     stopped = [RunStatus.to_string(s) for s in (RunStatus.KILLED, RunStatus.FAILED)]
     for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=100):
         output_dir = run.data.tags.get("output_dir")
