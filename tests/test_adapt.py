@@ -23,6 +23,7 @@ from src.data.digits import digits_arrays, shift_images
 from src.module import ClassifierHead, TransferModule
 from src.optim import OptimConfig, configure_optimizers
 from tests.conftest import REPO
+from tests.test_failures import QUICK, only_run, restore_signals, run_in_process  # noqa: F401
 
 # method -> (config overrides, the metric of its own unweighted loss)
 METHODS = {
@@ -213,6 +214,15 @@ def test_selection_report_picks_each_criteria_epoch() -> None:
 def test_bad_adaptation_configs_fail_before_compute(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(composed(*overrides))
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_feature_alignment_trains_lora_adapters_end_to_end(tmp_path: Path, capsys) -> None:
+    """LoRA's adapters change the features inside frozen groups, so feature alignment applies (it was refused)."""
+    overrides = ["adapt=dann", "data.target_shift=invert", "finetune=lora", *QUICK, "trainer.max_epochs=1"]
+    assert run_in_process(tmp_path, *overrides) == 0, capsys.readouterr().err[-2000:]
+    run = only_run(tmp_path)
+    assert run.info.status == "FINISHED" and "train/dann" in run.data.metrics
 
 
 def test_prediction_level_methods_combine_with_a_linear_probe() -> None:

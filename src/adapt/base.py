@@ -88,7 +88,9 @@ def check_compatible(adapt: Any, data: Any, finetune: Any, monitor: str) -> None
             f"adapt={adapt.name} needs a target domain, but data '{data.name}' has none; set data.target_shift "
             "(digits: invert | rotate | noise), data.target_path (text_table) or data.target_dir (image_folder)"
         )
-    if ADAPT.entry(adapt.name).factory.aligns_features and not FINETUNE.entry(finetune.name).factory.trains_backbone:
+    strategy = FINETUNE.entry(finetune.name).factory
+    features_train = strategy.trains_backbone or not strategy.frozen_groups_fixed  # LoRA: adapters inside groups
+    if ADAPT.entry(adapt.name).factory.aligns_features and not features_train:
         raise ValueError(
             f"adapt={adapt.name} aligns backbone features, but finetune={finetune.name} never trains the backbone "
             "(feature alignment cannot change frozen features); use finetune=full/partial/gradual_unfreeze/lp_ft/"
