@@ -293,6 +293,7 @@ class FeatureCache:
         self.device = _device(accelerator)
         self.batch_size = max(datamodule.cfg.eval_batch_size or datamodule.cfg.batch_size, 64)
         self.identities: dict[int, dict[str, Any]] = {}  # per model: its weights are hashed once per run
+        self.max_bytes = None if cfg.max_memory_gb is None else cfg.max_memory_gb * 1e9
 
     def splits(self, augmented: bool) -> list[str]:
         """The splits whose samples are the same every epoch: all but an augmented training split."""
@@ -313,6 +314,40 @@ class FeatureCache:
         log.info("%s: %s (%d samples, key %s)", desc, found, len(entry["labels"]), key)
         return entry
 
+    @torch.no_grad()
+    def estimate(self, split: str, model: nn.Module, fn: Callable[[dict[str, Any]], Any]) -> int:
+        """Bytes the entry of `split` would hold, from one encoded sample (per token for token states)."""
+        dataset = self.datamodule.splits[split]
+        if not len(dataset):
+            return 0
+        batch = (self.datamodule.collate_fn or default_collate)([dataset[0]])
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            out = fn(batch)
+        model.train(was_training)
+        if isinstance(out, dict):
+            tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+            return tokens * out["hidden_states"].shape[-1] * DTYPE.itemsize
+        return len(dataset) * out[0].numel() * DTYPE.itemsize
+
+    def fits(self, splits: list[str], model: nn.Module, fn: Callable[[dict[str, Any]], Any], what: str) -> bool:
+        """Whether the entries fit `cache.max_memory_gb`; if not, one log line says so and the run goes uncached."""
+        if self.max_bytes is None:
+            return True
+        need = sum(self.estimate(split, model, fn) for split in splits)
+        if need <= self.max_bytes:
+            return True
+        log.warning(
+            "features: the %s of %s would hold %.2f GB in memory, above cache.max_memory_gb=%g: training without "
+            "the feature cache (raise it, or cache fewer layers with a larger finetune.k)",
+            what,
+            "/".join(splits),
+            need / 1e9,
+            self.max_bytes / 1e9,
+        )
+        return False
+
     def attach(self, strategy: Strategy, module: TransferModule, augmented: bool, epochs: int) -> list[pl.Callback]:
         backbone = module.backbone
         n = len(backbone.layer_groups())
@@ -322,6 +357,8 @@ class FeatureCache:
         callbacks: list[pl.Callback] = []
         attached: dict[str, dict[str, torch.Tensor]] = {split: {} for split in splits}
         cut = static_cut(strategy, backbone, epochs)
+        if cut and not self.fits(splits, backbone, lambda b, c=cut: backbone.prefix_output(c, b), "frozen prefix"):
+            cut = 0
         if cut:
             what = {"output": "frozen prefix" if cut < n else "features", "cut": cut, "groups": n}
             for split in splits:

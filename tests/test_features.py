@@ -68,6 +68,20 @@ def test_cached_run_matches_uncached_and_hits_on_repeat(tmp_path: Path, strategy
         assert again[key] == first[key], key  # a hit and a miss leave the same random stream
 
 
+def test_a_prefix_cache_beyond_the_memory_budget_trains_uncached(tmp_path: Path, caplog) -> None:
+    """The estimate (per-sample bytes x samples) runs before encoding; over `cache.max_memory_gb` nothing is cached
+    and the run trains on raw inputs, with the same result as a run without the cache."""
+    strategy = [*DIGITS, "finetune=partial", "finetune.k=2"]
+    off = run_in_process(tmp_path, *strategy, "cache.enabled=false")
+    with caplog.at_level("WARNING", logger="src.features"):
+        tight = run_in_process(tmp_path, *strategy, "cache.max_memory_gb=1e-6")
+    assert "above cache.max_memory_gb=1e-06: training without the feature cache" in caplog.text
+    assert tight["cache/features/misses"] == 0 and tight["cache/features/bytes"] == 0
+    assert tight["test/acc"] == pytest.approx(off["test/acc"], abs=2e-3)
+    roomy = run_in_process(tmp_path, *strategy, "cache.max_memory_gb=1")  # the digits prefix: well under 1 GB
+    assert roomy["cache/features/misses"] == 3
+
+
 def test_distillation_teacher_logits_are_cached(tmp_path: Path) -> None:
     short = [*DIGITS, "trainer.max_epochs=1"]
     run_in_process(tmp_path, *short, "tracking.run_name=teacher")
