@@ -105,9 +105,11 @@ def test_multirun_grid_is_one_parent_with_a_child_per_job(tmp_path: Path) -> Non
     assert parent.data.metrics["best/val/acc"] == best.data.metrics["best/val/acc"]
     summary = Path(client_for(tmp_path).download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read_text()
     assert summary.count("FINISHED") == 4 and best.info.run_id in summary.splitlines()[2]
+    assert summary.strip() in parent.data.tags["mlflow.note.content"], "the UI shows the table as the description"
     assert {r.data.tags["job_num"] for r in children} == {"0", "1", "2", "3"}
     assert len({r.data.tags["multirun_dir"] for r in found}) == 1
-    assert f"under parent run {parent.info.run_id}" in proc.stdout and "workflowType=machine_learning" in proc.stdout
+    assert f"under parent run {parent.info.run_id}" in proc.stdout
+    assert f"#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in proc.stdout
 
 
 def _open_run(args: tuple[str, int]) -> str:
@@ -126,3 +128,13 @@ def test_parallel_first_runs_share_a_fresh_store(tmp_path: Path) -> None:
         run_ids = pool.map(_open_run, [(str(tmp_path), i) for i in range(2)])
     assert len(set(run_ids)) == 2
     assert {r.info.status for r in runs(tmp_path)} == {"FINISHED"}
+
+
+def test_urls_open_the_runs_view_and_a_long_table_fits_the_note() -> None:
+    from src.tracking.summary import NOTE_LIMIT, _note, where
+
+    assert where("sqlite:///mlflow.db", "1", "abc").endswith("/#/experiments/1/runs/abc?workflowType=machine_learning")
+    assert where("http://host:5000/", "1").endswith("host:5000/#/experiments/1?workflowType=machine_learning")
+    table = "\n".join(["| run |", "|---|", *(f"| row {i:05d} |" for i in range(2000))])
+    note = _note(table, 2000, "val/acc")
+    assert len(note) <= NOTE_LIMIT and "| row 00000 |" in note and "summary.md" in note.splitlines()[0]
