@@ -62,6 +62,21 @@ def test_single_run_is_recorded(single_run: Path) -> None:
     assert not list(single_run.glob("outputs/**/mlflow.db")), "the store must not land in Hydra's output dir"
 
 
+def test_terminal_shows_each_line_once_without_download_bars(tmp_path: Path) -> None:
+    """A default run's whole terminal output: Lightning's lines once (not also through its own handler), no
+    MLflow "Downloading artifacts" bar at the model log, and a URL that opens the run in the runs view."""
+    proc = run_cli(["trainer.max_epochs=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    repeated = {line for line in lines if lines.count(line) > 1 and any(c.isalnum() for c in line)}
+    assert not repeated, repeated
+    assert "Seed set to 0" in output and "INFO: Seed set to" not in output, "Lightning logs through Hydra's handler"
+    assert "Downloading artifacts" not in output
+    (run,) = runs(tmp_path)
+    assert f"/runs/{run.info.run_id}?workflowType=machine_learning" in proc.stdout
+
+
 def test_init_from_an_earlier_run(single_run: Path) -> None:
     (first,) = runs(single_run)
     proc = run_cli(
