@@ -6,10 +6,16 @@ when a run starts, so `--help` and `--cfg job` answer at once.
 
 from __future__ import annotations
 
+import os
 import uuid
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+# MLflow draws a "Downloading artifacts" bar each time a model is logged (it reads back what it just wrote): noise
+# among the run's log lines. Set at start-up, before anything imports MLflow, so every job and launcher worker
+# process inherits it; a user's own value wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 # `${uid:}` in conf/hydra: output folders unique even for runs started in the same second; cached in the config,
 # so every job of a multirun (also in launcher worker processes) sees the same value.

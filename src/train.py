@@ -100,9 +100,24 @@ def run(
     return value
 
 
+def log_through_root() -> None:
+    """Let Lightning's log lines reach the terminal once, through the root logger's handlers (Hydra's console
+    and job-log file). `import lightning` puts its own console handler on the `lightning` logger, which then also
+    propagates to root: every INFO line printed twice. Kept as is when root has no handler (no Hydra), where
+    Lightning's handler is the only one."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def execute(raw: DictConfig, context: build.HydraContext | None = None) -> float | list[float] | None:
     """A composed config, end to end: every failure becomes one line and an exit code (src.errors)."""
     context = context or build.hydra_context()
+    log_through_root()
     STOP.install()
     with one_clear_answer(context.output_dir, multirun=context.job_num is not None):
         OmegaConf.resolve(raw)

@@ -62,6 +62,21 @@ def test_single_run_is_recorded(single_run: Path) -> None:
     assert not list(single_run.glob("outputs/**/mlflow.db")), "the store must not land in Hydra's output dir"
 
 
+def test_terminal_shows_each_line_once_without_download_bars(tmp_path: Path) -> None:
+    """A default run's whole terminal output: Lightning's lines once (not also through its own handler), no
+    MLflow "Downloading artifacts" bar at the model log, and a URL that opens the run in the runs view."""
+    proc = run_cli(["trainer.max_epochs=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    repeated = {line for line in lines if lines.count(line) > 1 and any(c.isalnum() for c in line)}
+    assert not repeated, repeated
+    assert "Seed set to 0" in output and "INFO: Seed set to" not in output, "Lightning logs through Hydra's handler"
+    assert "Downloading artifacts" not in output
+    (run,) = runs(tmp_path)
+    assert f"/runs/{run.info.run_id}?workflowType=machine_learning" in proc.stdout
+
+
 def test_init_from_an_earlier_run(single_run: Path) -> None:
     (first,) = runs(single_run)
     proc = run_cli(
@@ -105,9 +120,11 @@ def test_multirun_grid_is_one_parent_with_a_child_per_job(tmp_path: Path) -> Non
     assert parent.data.metrics["best/val/acc"] == best.data.metrics["best/val/acc"]
     summary = Path(client_for(tmp_path).download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read_text()
     assert summary.count("FINISHED") == 4 and best.info.run_id in summary.splitlines()[2]
+    assert summary.strip() in parent.data.tags["mlflow.note.content"], "the UI shows the table as the description"
     assert {r.data.tags["job_num"] for r in children} == {"0", "1", "2", "3"}
     assert len({r.data.tags["multirun_dir"] for r in found}) == 1
-    assert f"under parent run {parent.info.run_id}" in proc.stdout and "workflowType=machine_learning" in proc.stdout
+    assert f"under parent run {parent.info.run_id}" in proc.stdout
+    assert f"#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in proc.stdout
 
 
 def _open_run(args: tuple[str, int]) -> str:
@@ -126,3 +143,13 @@ def test_parallel_first_runs_share_a_fresh_store(tmp_path: Path) -> None:
         run_ids = pool.map(_open_run, [(str(tmp_path), i) for i in range(2)])
     assert len(set(run_ids)) == 2
     assert {r.info.status for r in runs(tmp_path)} == {"FINISHED"}
+
+
+def test_urls_open_the_runs_view_and_a_long_table_fits_the_note() -> None:
+    from src.tracking.summary import NOTE_LIMIT, _note, where
+
+    assert where("sqlite:///mlflow.db", "1", "abc").endswith("/#/experiments/1/runs/abc?workflowType=machine_learning")
+    assert where("http://host:5000/", "1").endswith("host:5000/#/experiments/1?workflowType=machine_learning")
+    table = "\n".join(["| run |", "|---|", *(f"| row {i:05d} |" for i in range(2000))])
+    note = _note(table, 2000, "val/acc")
+    assert len(note) <= NOTE_LIMIT and "| row 00000 |" in note and "summary.md" in note.splitlines()[0]

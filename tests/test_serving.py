@@ -283,3 +283,20 @@ def test_mlflow_models_serve_answers_invocations(digits_run: tuple[Path, str]) -
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+def test_predictions_for_many_classes_build_one_unfragmented_frame() -> None:
+    """With hundreds of classes, adding a column per class made pandas warn at every model log and prediction."""
+    import types
+    import warnings
+
+    names = [f"c{i}" for i in range(300)]
+    classifier = Classifier.__new__(Classifier)
+    classifier.spec = types.SimpleNamespace(class_names=names)
+    probs = np.random.default_rng(0).dirichlet(np.ones(len(names)), size=4).astype(np.float32)
+    classifier.probabilities = lambda frame: probs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = classifier.predict_frame(pd.DataFrame({"image": ["x"] * 4}))
+    assert list(out.columns) == ["label", *(f"prob_{n}" for n in names)]
+    assert list(out["label"]) == [names[i] for i in probs.argmax(1)]

@@ -175,13 +175,13 @@ class Classifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.spec.class_names)), dtype=np.float32)
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """`label` (the class name) and one `prob_<class>` column per class, in the model's class order."""
+        """`label` (the class name) and one `prob_<class>` column per class, in the model's class order. Built in
+        one go: adding columns one by one fragments the frame, and pandas warns at every model log and prediction
+        once there are about a hundred classes."""
         probs = self.probabilities(frame).astype(np.float64)
         names = np.asarray(self.spec.class_names, dtype=object)
-        out = pd.DataFrame({LABEL_COLUMN: names[probs.argmax(1)] if len(probs) else []})
-        for i, name in enumerate(self.spec.class_names):
-            out[PROB_PREFIX + name] = probs[:, i]
-        return out
+        columns = {PROB_PREFIX + name: probs[:, i] for i, name in enumerate(self.spec.class_names)}
+        return pd.DataFrame({LABEL_COLUMN: names[probs.argmax(1)] if len(probs) else [], **columns})
 
 
 class TransferPyfunc(PythonModel):

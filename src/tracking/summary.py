@@ -7,9 +7,10 @@ import math
 from typing import Any
 
 from mlflow.entities import Run
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 UI_PORT = 5000
+NOTE_LIMIT = 8000  # MLflow's longest tag value (MAX_TAG_VAL_LENGTH); a longer note would fail the whole summary
 
 
 def best_metric(metric: str) -> str:
@@ -18,12 +19,14 @@ def best_metric(metric: str) -> str:
 
 
 def where(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The command that starts the UI on this store and the URL of the runs view (or of one run)."""
+    """The command that starts the UI on this store and the URL of the runs view (or of one run). Both URLs carry
+    `workflowType=machine_learning`: without it MLflow 3 opens its GenAI layout, where a training run's metrics
+    and charts are not where users look for them."""
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     base = f"http://127.0.0.1:{UI_PORT}" if local else uri.rstrip("/")
-    page = f"/runs/{run_id}" if run_id else "?workflowType=machine_learning"
+    page = f"/runs/{run_id}" if run_id else ""
     command = f"mlflow ui --backend-store-uri {uri} --port {UI_PORT}, then open " if local else "open "
-    return f"{command}{base}/#/experiments/{experiment_id}{page}"
+    return f"{command}{base}/#/experiments/{experiment_id}{page}?workflowType=machine_learning"
 
 
 def run_summary(run: Run, metric: str, uri: str) -> str:
@@ -46,9 +49,20 @@ def _rank(runs: list[Run], metric: str, direction: str) -> list[Run]:
     return sorted(runs, key=key)
 
 
+def _note(table: str, n: int, metric: str) -> str:
+    """The parent's description: a heading and the table, cut to the best rows that fit MLflow's tag limit (a
+    large sweep's table would not), saying where the rest is."""
+    head = f"{n} runs, best {best_metric(metric)} first (full table: summary.md)\n\n"
+    lines = table.splitlines()
+    while len(head) + len("\n".join(lines)) > NOTE_LIMIT:
+        lines.pop()
+    return head + "\n".join(lines)
+
+
 def summarize_children(parent: Any, metric: str, direction: str) -> int:
     """Log the children's table (summary.md, summary.csv) and best child on the parent `MLflowRun`, print the
-    summary; returns how many children did not finish."""
+    summary; returns how many children did not finish. The table is also the parent's description (the MLflow
+    UI renders the note as Markdown), so the parent's page shows it instead of "No description"."""
     client = parent.client
     children = client.search_runs([parent.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'")
     ranked = _rank(children, metric, direction)
@@ -67,6 +81,7 @@ def summarize_children(parent: Any, metric: str, direction: str) -> int:
     )
     parent.log_text(table + "\n", "summary.md")
     parent.log_text("\n".join(",".join(r) for r in [columns, *rows]) + "\n", "summary.csv")
+    parent.set_tags({MLFLOW_RUN_NOTE: _note(table, len(children), metric)})
     finished = [r for r in ranked if r.info.status == "FINISHED" and best_metric(metric) in r.data.metrics]
     failed = sum(r.info.status != "FINISHED" for r in children)
     lines = [f"{len(children)} runs ({len(children) - failed} FINISHED, {failed} not) under parent run {parent.run_id}"]
