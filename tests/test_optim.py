@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from src.backbones import BACKBONES
 from src.finetune.param_groups import layer_lrs
@@ -115,3 +117,18 @@ def test_mlflow_lr_group_ratios_under_two_schedulers(tmp_path: Path) -> None:
             assert ratios == pytest.approx([d ** (3 - i) / mult] * 4, rel=1e-9)
         trainable = history("trainable_params")
         assert all(a < b for a, b in itertools.pairwise(trainable)), trainable
+
+
+def composed_optim(*overrides: str):
+    """`optim` of the composed config, resolved: what a run with these overrides trains with."""
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg.optim, resolve=True)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_every_optimizer_follows_the_lr_chain(name: str) -> None:
+    """optim.lr defaults to the strategy's LR, which defaults to the backbone's (README), whichever optimizer."""
+    assert composed_optim(f"optim={name}", "finetune=linear_probe")["lr"] == 3.0e-2
+    assert composed_optim(f"optim={name}", "finetune=full", "backbone.lr=7e-4")["lr"] == 7e-4
+    assert composed_optim(f"optim={name}", "finetune=full", "optim.lr=5e-3")["lr"] == 5e-3
