@@ -104,13 +104,17 @@ class LRSweep(pl.Callback):
             trainer.should_stop = True
 
 
+# The run's trainer settings that change what a step does: the finder trains under them, so it suggests an LR for
+# the run's dynamics (clipping tames the divergence the finder looks for; accumulation changes the update size).
+DYNAMICS = ("accelerator", "precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
+
+
 def find_lr(
     module: pl.LightningModule,
     datamodule: pl.LightningDataModule,
     cfg: OptimConfig,
     callbacks: list[pl.Callback],
-    accelerator: str = "auto",
-    precision: Any = "32-true",
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> LRFindResult:
     """Sweep `optim.lr` from `lr_find_min_lr` to `lr_find_max_lr` over `lr_find_steps` steps on one device.
 
@@ -119,10 +123,10 @@ def find_lr(
     """
     sweep = LRSweep(cfg)
     state = copy.deepcopy(module.state_dict())
+    dynamics = {k: v for k, v in (trainer_kwargs or {}).items() if k in DYNAMICS and v is not None}
     trainer = pl.Trainer(
-        accelerator=accelerator,
+        **dynamics,
         devices=1,
-        precision=precision,
         max_epochs=1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -172,8 +176,7 @@ def run(
     trainer_kwargs: dict[str, Any],
 ) -> LRFindResult:
     """Find, record (`lr_finder.png`, `lr_finder.json`, metric `lr_find/suggested_lr`) and, if asked, apply."""
-    accelerator = trainer_kwargs.get("accelerator", "auto")
-    result = find_lr(module, datamodule, cfg, callbacks, accelerator, trainer_kwargs.get("precision", "32-true"))
+    result = find_lr(module, datamodule, cfg, callbacks, trainer_kwargs)
     tracker.log_figure(figure(result, cfg.lr_find_suggestion), "lr_finder.png")
     tracker.log_dict({"lr": result.lrs, "loss": result.losses, "suggestion": result.suggestion}, "lr_finder.json")
     if not math.isfinite(result.suggestion):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,7 @@ def test_sweep_keeps_group_ratios_and_restores_weights() -> None:
     cfg = OptimConfig(lr=1e-2, layer_decay=0.5, head_lr_mult=3.0, lr_find_steps=30, lr_find_max_lr=10.0)
     strategy, module, dm = build({"name": "partial", "k": 1}, cfg)
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    result = find_lr(module, dm, cfg, strategy.callbacks(), accelerator="cpu")
+    result = find_lr(module, dm, cfg, strategy.callbacks(), {"accelerator": "cpu"})
     n = len(result.losses)
     assert 5 < n <= 30 and len(result.lrs) == len(result.group_lrs) == n
     expected = np.geomspace(1e-6, 10.0, 30)[:n]
@@ -32,6 +33,27 @@ def test_sweep_keeps_group_ratios_and_restores_weights() -> None:
         assert per_layer_group == pytest.approx([w * base / 1e-2 for w in want], rel=1e-9)
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()), "weights/buffers not restored"
     assert result.lrs[0] <= result.suggestion <= result.lrs[-1]
+
+
+class SeenSettings(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm, trainer.accumulate_grad_batches)
+
+
+def test_the_finder_trains_under_the_runs_clipping_and_accumulation() -> None:
+    cfg = OptimConfig(lr=1e-2, lr_find_steps=8)
+    strategy, module, dm = build({"name": "full"}, cfg)
+    seen = SeenSettings()
+    run_trainer = {
+        "accelerator": "cpu",
+        "gradient_clip_val": 0.5,
+        "gradient_clip_algorithm": "value",
+        "accumulate_grad_batches": 2,
+        "max_epochs": 30,
+        "log_every_n_steps": 1,
+    }
+    find_lr(module, dm, cfg, [*strategy.callbacks(), seen], run_trainer)
+    assert seen.seen == (0.5, "value", 2)
 
 
 def test_suggestions() -> None:
