@@ -132,6 +132,21 @@ def _trainer_kwargs(node: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+def check_pretraining_is_not_on_targets(backbone: Any, data: Any) -> None:
+    """A backbone pretrained here (small_cnn) must never see the classes the run is measured on: an overlap would
+    pretrain on the target's test images and report transfer that is not there."""
+    pretrain = getattr(backbone, "pretrain_classes", None)
+    targets = getattr(data, "target_classes", None)
+    if getattr(backbone, "pretrain", None) is None or not pretrain or not targets:
+        return
+    if overlap := sorted(set(pretrain) & set(targets)):
+        raise ConfigError(
+            f"backbone.pretrain_classes: {list(pretrain)} overlaps data.target_classes {list(targets)} in {overlap}: "
+            "pretraining would see the target test images; keep them disjoint (data.source_classes feeds "
+            "pretrain_classes by default)"
+        )
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Parse every group into its schema; raise `ConfigError` naming the first bad key."""
     from src.adapt import ADAPT, check_compatible
@@ -161,6 +176,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         )
     monitor = parsed["objective"].metric
     _parse("adapt", lambda: check_compatible(parsed["adapt"], parsed["data"], parsed["finetune"], monitor))
+    check_pretraining_is_not_on_targets(parsed["backbone"], parsed["data"])
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")

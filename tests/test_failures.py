@@ -91,6 +91,14 @@ def test_unwritable_tracking_store_names_tracking_uri(tmp_path: Path) -> None:
         preflight.check(validate(composed(f"tracking.uri=sqlite:///{blocker}/mlflow.db")), tmp_path)
 
 
+def test_source_classes_feed_pretraining_and_may_not_overlap_the_targets() -> None:
+    assert validate(composed("data.source_classes=[0,1,2]")).backbone.pretrain_classes == [0, 1, 2]
+    assert validate(composed()).backbone.pretrain_classes == [0, 1, 2, 3, 4]
+    with pytest.raises(ConfigError, match=r"^backbone.pretrain_classes: \[0, 1, 5\] overlaps data.target_classes"):
+        validate(composed("backbone.pretrain_classes=[0,1,5]"))
+    validate(composed("backbone.pretrain_classes=[0,1,5]", "backbone.pretrain=null"))  # no pretraining: no overlap
+
+
 def test_cache_dir_that_is_a_file_names_cache_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
