@@ -27,7 +27,7 @@ from src.backbones import BACKBONES
 from src.backbones.base import Backbone
 from src.cache import fingerprint, path_digest
 from src.config import RunConfig, validate
-from src.data.common import ClassificationDataModule
+from src.data.common import DataModule
 from src.finetune.init import CHECKPOINT_ARTIFACT, load_backbone
 from src.finetune.strategy import Strategy
 from src.module import TransferModule
@@ -36,8 +36,7 @@ from src.serving import export
 from src.signals import STOP
 from src.tracking import MLflowRun, TrainingStateLogger, flatten, multirun, naming, resume
 from src.tracking.mlflow_run import source_tags
-from src.tracking.plots import confusion_matrix_figure
-from src.tracking.summary import best_metric
+from src.tracking.summary import best_metric, test_metric
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
     return out
 
 
-def log_dataset(tracker: MLflowRun, datamodule: ClassificationDataModule, name: str) -> None:
+def log_dataset(tracker: MLflowRun, datamodule: DataModule, name: str) -> None:
     """The data as an MLflow dataset input (the Dataset column): its name, source, a content digest and sizes;
     and what its cache saved (`cache/<namespace>/*`)."""
     cfg = datamodule.cfg
@@ -126,7 +125,7 @@ def log_dataset(tracker: MLflowRun, datamodule: ClassificationDataModule, name: 
     path = Path(source)
     digest = path_digest(path) if path.exists() else fingerprint(asdict(cfg))  # memoised: the caches hash it too
     sizes = {split: len(data) for split, data in datamodule._splits.items()}
-    profile = {"num_classes": datamodule.num_classes, **{f"num_{k}": v for k, v in sizes.items()}}
+    profile = {"task": datamodule.task.name, "num_outputs": datamodule.task.num_outputs, **{f"num_{k}": v for k, v in sizes.items()}}
     dataset = Dataset(name, digest[:16], "local" if path.exists() else "builtin", source, profile=json.dumps(profile))
     tracker.client.log_inputs(tracker.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     cache = getattr(datamodule, "cache", None)  # the read-and-tokenise cache of tables (src.data.text_table)
@@ -235,19 +234,21 @@ def log_results(
     context: HydraContext,
     log_model: bool = True,
 ) -> None:
-    """After test (best weights loaded): confusion matrix, label mapping, the weights-only checkpoint, the run's
-    note with its result, and (unless `log_model` is false: a sweep trial that is not the best so far) the
-    loadable, servable model (src.serving)."""
+    """After test (best weights loaded): the task's report (confusion matrix, per-tag F1, predicted vs true), the
+    label mapping, the weights-only checkpoint, the run's note with its result, and (unless `log_model` is false: a
+    sweep trial that is not the best so far) the loadable, servable model (src.serving)."""
     test = {k: float(v) for k, v in module.trainer.callback_metrics.items() if k.startswith("test/")}
-    if "test/acc" in test:
-        tracker.set_tags({MLFLOW_RUN_NOTE: description(cfg, context, f"Test accuracy {test['test/acc']:.4f}.")})
-    matrix = module.confusion.compute().cpu().numpy()
-    tracker.log_figure(confusion_matrix_figure(matrix, datamodule.class_names), "confusion_matrix.png")
+    metric = test_metric(cfg.objective.metric)
+    if metric in test:
+        tracker.set_tags({MLFLOW_RUN_NOTE: description(cfg, context, f"Test {metric[5:]} {test[metric]:.4f}.")})
+    if module.test_outputs is not None:
+        for name, artifact in module.task.report(*module.test_outputs).items():
+            (tracker.log_figure if name.endswith(".png") else tracker.log_dict)(artifact, name)
     tracker.log_dict(datamodule.label_mapping, "label_mapping.json")
     if cfg.tracking.log_checkpoint:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
-            torch.save({"state_dict": module.state_dict(), "class_names": datamodule.class_names}, path)
+            torch.save({"state_dict": module.state_dict(), "class_names": datamodule.names}, path)
             tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
     if cfg.tracking.log_model and log_model:
         export.log_model(tracker, raw, module, datamodule, cfg.tracking.register_model)

@@ -20,6 +20,7 @@ from src.cache import CacheConfig
 from src.optim import OptimConfig
 from src.regularization import RegularizationConfig
 from src.schema import ConfigError, check, check_choice
+from src.tasks.config import refusals
 
 
 @dataclass
@@ -96,6 +97,7 @@ class RunConfig:
 
     seed: int
     objective: Objective
+    task: Any
     data: Any
     backbone: Any
     finetune: Any
@@ -153,8 +155,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     from src.backbones import BACKBONES
     from src.data import DATA
     from src.finetune import FINETUNE
+    from src.tasks import TASKS
 
-    registries = {"data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
+    registries = {"task": TASKS, "data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
     # Defaults that refer to other keys (optim.lr: ${finetune.lr}) are checked as the values they resolve to.
     # Without the `hydra` node a sweeper's config carries: its job-time values (hydra.job.num) are not set yet.
     run_keys = [k for k in cfg if k != "hydra"]
@@ -177,6 +180,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     monitor = parsed["objective"].metric
     _parse("adapt", lambda: check_compatible(parsed["adapt"], parsed["data"], parsed["finetune"], monitor))
     check_pretraining_is_not_on_targets(parsed["backbone"], parsed["data"])
+    keys = ("task", "data", "finetune", "adapt", "regularization")
+    for key, why in refusals(*(parsed[k] for k in keys)):
+        raise ConfigError(f"{key}: {why}")
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")

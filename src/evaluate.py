@@ -1,7 +1,8 @@
 """`python -m src.evaluate run=<run> [data=...]`: a trained run's model on labelled data, as a NEW MLflow run.
 
-The metrics (`test/acc`, `test/f1`, ... the names `trainer.test` logs, so both sit in the same columns of the runs
-table) and the confusion matrix go to a new run tagged `source_run_id=<the run>`, and are printed.
+The metrics (`test/acc`, `test/macro_f1`, `test/spearman`, ... the names `trainer.test` logs for the model's task,
+so both sit in the same columns of the runs table) and the task's report (confusion matrix, per-tag F1, predicted
+vs true) go to a new run tagged `source_run_id=<the run>`, and are printed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
     from omegaconf import DictConfig
 
-    from src.serving.model import Classifier
+    from src.serving.model import TrainedModel
 
 USAGE = """
 usage: python -m src.evaluate run=<run> [data=<file | folder | data option>] [data.<key>=<value> ...] [key=value ...]
@@ -111,66 +112,65 @@ def _test_key(source: str, client: MlflowClient, run_id: str | None) -> str | No
     return key if Path(source).expanduser().is_dir() == (key == "test_dir") else None
 
 
-def _from_config(classifier: Classifier, node, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _from_config(classifier: TrainedModel, node, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     from src.data import DATA
+    from src.tasks import TASKS
 
-    datamodule = DATA.build(node, preprocessing=classifier.backbone.preprocessing, seed=seed)
+    task = TASKS.build(classifier.spec.task)  # the data's own copy: binding it must not touch the model's
+    datamodule = DATA.build(node, preprocessing=classifier.backbone.preprocessing, seed=seed, task=task)
     datamodule.setup("test")
-    if datamodule.class_names != classifier.spec.class_names:
-        raise ConfigError(
-            f"data: its classes {datamodule.class_names} are not the model's {classifier.spec.class_names}"
-        )
+    if datamodule.names != classifier.spec.names:
+        raise ConfigError(f"data: its outputs {datamodule.names} are not the model's {classifier.spec.names}")
     for batch in datamodule.test_dataloader():
         yield classifier.logits(batch), batch["labels"]
 
 
 def _from_table(
-    classifier: Classifier, source: str, label_column: str | None, batch_size: int
+    classifier: TrainedModel, source: str, label_column: str | None, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A raw table read as the model's task reads labels (classes, tag lists or indicator columns, numbers)."""
     import torch
 
-    column = label_column or classifier.spec.label_column
-    frame = read_inputs(source, classifier, column)
-    if column not in frame.columns:
+    from src.data.text_table import label_text
+    from src.tasks.base import LabelFormat
+
+    spec = classifier.spec
+    column = label_column or spec.label_column
+    columns = [str(c) for c in column] if isinstance(column, list | tuple) else [str(column)]
+    frame = read_inputs(source, classifier, columns[0])
+    if missing := [c for c in columns if c not in frame.columns]:
         raise ConfigError(
-            f"data: {source} has no label column {column!r} (columns: {list(frame.columns)}); set label_column=<name>"
+            f"data: {source} has no label column {missing[0]!r} (columns: {list(frame.columns)}); "
+            "set label_column=<name>"
         )
-    names = classifier.spec.class_names
-    labels = [str(v).strip() for v in frame[column]]
-    if unknown := sorted(set(labels) - set(names)):
-        raise ConfigError(f"data: {source} has label(s) {unknown[:10]} that are not classes of the model: {names}")
-    index = torch.tensor([names.index(label) for label in labels])
+    texts = [[label_text(v) for v in frame[c]] for c in columns]
+    cells = texts[0] if len(columns) == 1 else list(zip(*texts, strict=True))
+    fmt = LabelFormat(columns, spec.names, None, spec.label_separator, "error")
+    rows, targets = classifier.task.codec(cells, fmt, source).encode(cells, list(range(2, len(cells) + 2)), source)
+    frame, targets = frame.iloc[rows], torch.as_tensor(targets)
     for start, batch in zip(range(0, len(frame), batch_size), classifier.batches(frame, batch_size), strict=True):
-        yield classifier.logits(batch), index[start : start + batch_size]
+        yield classifier.logits(batch), targets[start : start + batch_size]
 
 
-def evaluate(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]], class_names: list[str]):
-    """Metrics as `trainer.test` computes them (`src.metrics`), the mean loss, and the confusion matrix."""
-    import numpy as np
-    import torch.nn.functional as F
+def evaluate(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]], classifier: TrainedModel):
+    """The metrics `trainer.test` logs for the model's task (same names, same code) and the task's report."""
+    import torch
 
-    from src.metrics import classification_metrics, update
-
-    n_classes = len(class_names)
-    metrics = classification_metrics(n_classes, "test/")
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    loss, count = 0.0, 0
+    outputs, targets = [], []
     for logits, labels in pairs:
-        update(metrics, logits, labels)
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        count += len(labels)
-        np.add.at(confusion, (labels.numpy(), logits.argmax(-1).numpy()), 1)
-    if count == 0:
+        outputs.append(logits)
+        targets.append(labels)
+    if not outputs:
         raise ConfigError("data: no examples to evaluate")
-    values = {k: float(v) for k, v in metrics.compute().items()}
-    return {**values, "test/loss": loss / count}, confusion, count
+    outputs, targets = torch.cat(outputs), torch.cat(targets)
+    values = {k: float(v) for k, v in classifier.task.evaluate(outputs, targets, "test/").items()}
+    return values, classifier.task.report(outputs, targets), len(targets)
 
 
 def main(argv: list[str]) -> dict[str, float]:
     args = parse(argv, KEYS, USAGE, prefixes=("data.",))
     from src.config import TrackingConfig
     from src.tracking import MLflowRun, naming
-    from src.tracking.plots import confusion_matrix_figure
 
     client = tracking_client(args)
     classifier, run_id = load_classifier(require(args, "run"), client, args.get("checkpoint"))
@@ -198,7 +198,7 @@ def main(argv: list[str]) -> dict[str, float]:
         node, seed = _data_config(source, overrides, client, run_id)
         pairs = _from_config(classifier, node, seed)
         described = " ".join([f"data={source or '<run config>'}", *(f"{k}={v}" for k, v in overrides.items())])
-    values, confusion, count = evaluate(pairs, classifier.spec.class_names)
+    values, report, count = evaluate(pairs, classifier)
 
     source_run = client.get_run(run_id) if run_id else None
     experiment = args.get("tracking.experiment") or (
@@ -210,7 +210,8 @@ def main(argv: list[str]) -> dict[str, float]:
     with MLflowRun(TrackingConfig(uri=client.tracking_uri, experiment=experiment), Path.cwd(), name, tags) as run:
         run.log_params({"eval.run": args["run"], "eval.data": described, "eval.examples": str(count)})
         run.log_metrics(values)
-        run.log_figure(confusion_matrix_figure(confusion, classifier.spec.class_names), "confusion_matrix.png")
+        for artifact_name, artifact in report.items():
+            (run.log_figure if artifact_name.endswith(".png") else run.log_dict)(artifact, artifact_name)
     print(f"evaluated {args['run']} on {described} ({count} examples)")
     print("  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
     print(f"logged as run {run.run_id} in experiment {experiment!r}" + (f", source run {run_id}" if run_id else ""))

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from src.backbones.base import Backbone, Preprocessing
 from src.cache import Cache, CacheConfig, fingerprint, state_digest
-from src.data.common import ClassificationDataModule
+from src.data.common import DataModule
 from src.finetune.bn import batch_norms
 from src.finetune.strategy import Strategy
 from src.module import FROZEN, TransferModule
@@ -285,7 +285,7 @@ class FrozenFeatureSwitch(pl.Callback):
 class FeatureCache:
     """Plans what a run caches, loads or computes the entries and rewires the data module and the module."""
 
-    def __init__(self, cfg: CacheConfig, datamodule: ClassificationDataModule, accelerator: str | None) -> None:
+    def __init__(self, cfg: CacheConfig, datamodule: DataModule, accelerator: str | None) -> None:
         self.cache = Cache(NAMESPACE, cfg.root)
         self.datamodule = datamodule
         self.data = datamodule.identity()
@@ -388,7 +388,7 @@ def use_cache(
     cfg: RunConfig,
     strategy: Strategy,
     module: TransferModule,
-    datamodule: ClassificationDataModule,
+    datamodule: DataModule,
     augmented: bool,
     tracker: MLflowRun,
 ) -> list[pl.Callback]:

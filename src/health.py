@@ -1,6 +1,7 @@
 """Training health: a run that diverges stops FAILED with a message that says what to change; a run that
-collapses (one class predicted for everything, or a training loss that never falls) is flagged loudly and tagged,
-so a broken run is never recorded as a silent success."""
+collapses (what the task calls a collapse: one class for everything, no tag for anything, one value for every
+example; or a training loss that never falls) is flagged loudly and tagged, so a broken run is never recorded as a
+silent success."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch
 from torchmetrics import Metric
 
 from src.schema import ConfigError
+from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 COLLAPSE_TAG = "health"  # MLflow tag: "ok", or what went wrong
-ONE_CLASS_SHARE = 0.999  # share of validation predictions in one class that counts as a collapse
 
 
 class Diverged(ConfigError):
@@ -24,13 +25,13 @@ class Diverged(ConfigError):
 
 
 class HealthCheck(pl.Callback):
-    """Stops at the first non-finite training loss; after each validation, checks the predicted-class shares
-    (`val/majority_share`, logged by `TransferModule`); at the end, whether the training loss fell at all."""
+    """Stops at the first non-finite training loss; after each validation, checks the task's collapse statistic
+    (e.g. `val/majority_share`); at the end, whether the training loss fell at all."""
 
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
+    def __init__(self, lr: float, task: Task) -> None:
+        self.lr, self.task = lr, task
         self.train_losses: list[float] = []
-        self.majority_share: float | None = None  # at the latest validation
+        self.collapsed: tuple[str, str] | None = None  # (kind, message) at the latest validation
         self.problems: dict[str, str] = {}
 
     def on_train_batch_end(
@@ -56,24 +57,17 @@ class HealthCheck(pl.Callback):
             self.train_losses.append(float(loss.compute()))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        share = trainer.callback_metrics.get("val/majority_share")
-        if trainer.sanity_checking or share is None:
+        value = trainer.callback_metrics.get(f"val/{self.task.collapse_metric}")
+        if trainer.sanity_checking or value is None:
             return
-        self.majority_share = float(share)
-        if self.majority_share >= ONE_CLASS_SHARE:
-            log.warning(
-                "HEALTH WARNING: validation predictions are all one class at epoch %d (majority share %.3f)",
-                trainer.current_epoch,
-                self.majority_share,
-            )
+        self.collapsed = self.task.collapse_message(float(value), self.lr)
+        if self.collapsed is not None:
+            log.warning("HEALTH WARNING at epoch %d: %s", trainer.current_epoch, self.collapsed[1])
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.majority_share is not None and self.majority_share >= ONE_CLASS_SHARE:
-            self._flag(
-                "one_class",
-                f"the model predicts one class for {self.majority_share:.1%} of the validation set at the end of "
-                f"training: it collapsed; try a lower optim.lr (now {self.lr:g}) or check the labels",
-            )
+        if self.collapsed is not None:
+            kind, message = self.collapsed
+            self._flag(kind, f"{message} (at the end of training)")
         losses = self.train_losses
         if len(losses) >= 3 and not min(losses[1:]) < losses[0] and all(math.isfinite(x) for x in losses):
             self._flag(

@@ -1,4 +1,4 @@
-"""TransferModule: backbone + new head, trained by Lightning. No config plumbing lives here."""
+"""TransferModule: backbone + new head, trained by Lightning for the run's task. No config plumbing lives here."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ from typing import Protocol
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torchmetrics import ConfusionMatrix, MeanMetric
+from torchmetrics import CatMetric, MeanMetric, MetricCollection
 
 from src.backbones.base import Backbone
-from src.metrics import classification_metrics, update
+from src.tasks.base import Task
 
 
-class ClassifierHead(nn.Sequential):
-    """The new task head: dropout + linear on the backbone's pooled features."""
+class Head(nn.Sequential):
+    """The new task head: dropout + linear on the backbone's pooled features, one output per class, tag or
+    target (the task decides what they mean)."""
 
-    def __init__(self, feature_dim: int, num_classes: int, dropout: float = 0.0) -> None:
-        super().__init__(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+    def __init__(self, feature_dim: int, num_outputs: int, dropout: float = 0.0) -> None:
+        super().__init__(nn.Dropout(dropout), nn.Linear(feature_dim, num_outputs))
 
 
 Batch = dict[str, torch.Tensor]
@@ -51,11 +52,14 @@ def concat_inputs(a: Batch, b: Batch) -> Batch:
 
 
 class TransferModule(pl.LightningModule):
-    """Classifies with `head(backbone(batch))`.
+    """Predicts `head(backbone(batch))`; the task (`src.tasks`) says what the outputs mean: its loss, metrics and
+    health statistics.
 
     `configure_optim` builds the optimizer/scheduler (see `src.optim`). Training only: `batch_transforms`
-    (augmentation, mixup) rewrite the batch first and may add `soft_labels` (B, C) probabilities, which then
-    replace `labels` as cross-entropy targets; the loss is `ce_weight * CE + sum(loss_terms)`.
+    (augmentation, mixup) rewrite the batch first and may add `soft_labels` (B, outputs) mixed targets, which then
+    replace `labels` as the task loss's targets; the loss is `ce_weight * task loss + sum(loss_terms)`. Validation
+    and test collect every output of the pass and score them at its end, so metrics that need the whole split
+    (Spearman, mAP, tuned thresholds) are exact.
 
     Domain adaptation: a training batch `{"source": ..., "target": ...}` (unlabelled target inputs) is one forward
     pass over both domains, so batch norm normalises them together; the source features go to `batch["features"]`
@@ -67,7 +71,7 @@ class TransferModule(pl.LightningModule):
         self,
         backbone: Backbone,
         head: nn.Module,
-        num_classes: int,
+        task: Task,
         configure_optim: Callable[[TransferModule], dict],
         label_smoothing: float = 0.0,
         batch_transforms: list[BatchTransform] | None = None,
@@ -78,8 +82,8 @@ class TransferModule(pl.LightningModule):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.num_classes = num_classes
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.task = task
+        self.label_smoothing = label_smoothing
         self._configure_optim = configure_optim
         self.batch_transforms = batch_transforms or []
         self.loss_terms = loss_terms or []
@@ -87,12 +91,11 @@ class TransferModule(pl.LightningModule):
         self.aux_modules = nn.ModuleList(aux_modules or [])
         # Epoch means accumulated here and logged once per epoch: a `self.log` per step costs more than a
         # cached linear probe's whole step.
-        self.train_acc = classification_metrics(num_classes, "train/")["acc"]
+        self.train_metrics = MetricCollection(task.train_metrics(), prefix="train/")
         self.train_loss = MeanMetric()
-        self.val_metrics = classification_metrics(num_classes, "val/")
-        self.test_metrics = classification_metrics(num_classes, "test/")
-        self.confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
-        self.register_buffer("val_predicted", torch.zeros(num_classes, dtype=torch.long), persistent=False)
+        # Each evaluation pass's outputs and targets (synchronised across processes), scored at its end.
+        self.outputs, self.targets = CatMetric(nan_strategy="disable"), CatMetric(nan_strategy="disable")
+        self.test_outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the last test pass, for its report
 
         # Set by the feature cache: batches may carry what the first `frozen_cut` layer groups output (FROZEN);
         # `use_frozen` says whether that applies now (False in epochs where those groups train).
@@ -116,7 +119,7 @@ class TransferModule(pl.LightningModule):
             batch = transform(batch)
         logits = self(batch) if "target" not in batch else self._joint_forward(batch)
         n = len(batch["labels"])
-        ce = self.criterion(logits, batch.get("soft_labels", batch["labels"]))
+        ce = self.task.loss(logits, batch.get("soft_labels", batch["labels"]), self.label_smoothing)
         loss = self.ce_weight * ce
         if self.loss_terms:
             self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=n)
@@ -124,7 +127,8 @@ class TransferModule(pl.LightningModule):
             value = term(self, batch, logits)
             self.log(f"train/{term.name}", value, on_step=False, on_epoch=True, batch_size=n)
             loss = loss + value
-        self.train_acc.update(logits.argmax(-1), batch["labels"])
+        if self.train_metrics:
+            self.train_metrics.update(logits.detach(), batch["labels"])
         self.train_loss.update(loss.detach(), n)
         if self.trainer.progress_bar_callback is not None:
             self.log("loss", loss, prog_bar=True, logger=False)
@@ -132,9 +136,9 @@ class TransferModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.train_loss.update_count:  # an epoch may end without a step (resumed at its end, limit 0)
-            self.log_dict({"train/loss": self.train_loss.compute(), "train/acc": self.train_acc.compute()})
+            self.log_dict({"train/loss": self.train_loss.compute(), **self.train_metrics.compute()})
         self.train_loss.reset()
-        self.train_acc.reset()
+        self.train_metrics.reset()
 
     def _joint_forward(self, batch: dict) -> torch.Tensor:
         """Source logits of one forward pass over source + target inputs (see the class docstring)."""
@@ -144,33 +148,38 @@ class TransferModule(pl.LightningModule):
         batch["features"], target["features"], target["logits"] = features[:n], features[n:], logits[n:]
         return logits[:n]
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch)
-        loss = nn.functional.cross_entropy(logits, batch["labels"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["labels"]))
-        return logits
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.outputs.update(self(batch).float())
+        self.targets.update(batch["labels"])
+
+    def _pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's outputs and targets (float: the task casts class indices back), all of them (every
+        process's), and reset for the next pass."""
+        outputs, targets = self.outputs.compute(), self.targets.compute()
+        self.outputs.reset()
+        self.targets.reset()
+        return outputs, targets
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self._eval_step(batch, "val")
-        update(self.val_metrics, logits, batch["labels"])
-        self.val_predicted += torch.bincount(logits.argmax(-1), minlength=self.num_classes)
+        self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=False)
-        self.val_metrics.reset()
-        # The largest share of validation predictions in one class: 1.0 means a collapsed model (src.health).
-        counts = self.val_predicted.float()
-        self.log("val/majority_share", counts.max() / counts.sum().clamp(min=1), sync_dist=True)
-        self.val_predicted.zero_()
+        if not self.outputs.update_count:
+            return
+        outputs, targets = self._pass()
+        self.task.on_validation(outputs, targets)  # e.g. tunes thresholds, then scored with them
+        metrics = self.task.evaluate(outputs, targets, "val/")
+        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True)
+        self.log_dict(metrics)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self._eval_step(batch, "test")
-        update(self.test_metrics, logits, batch["labels"])
-        self.confusion.update(logits.argmax(-1), batch["labels"])
+        self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
+        if not self.outputs.update_count:
+            return
+        self.test_outputs = self._pass()
+        self.log_dict(self.task.evaluate(*self.test_outputs, "test/"))
 
     def configure_optimizers(self) -> dict:
         return self._configure_optim(self)

@@ -13,7 +13,6 @@ import lightning.pytorch as pl
 
 from src.adapt.selection import CRITERIA
 from src.config import RunConfig
-from src.metrics import VAL_METRICS
 from src.schema import ConfigError
 from src.tracking.mlflow_run import resolve_uri
 
@@ -41,10 +40,11 @@ def check_cache(directory: str | None, launch_dir: Path) -> None:
 def check_objective(cfg: RunConfig) -> None:
     """The checkpoint monitor must be a metric the run logs; a typo would otherwise surface after epoch 1."""
     label_free = [m for m in CRITERIA.values() if m.startswith("val/target_")]  # logged when data has a target
-    known = sorted([*(f"val/{name}" for name in VAL_METRICS), *label_free])
+    known = sorted([*(f"val/{name}" for name in cfg.task.METRICS), *label_free])
     if cfg.objective.metric not in known:
         raise ConfigError(
-            f"objective.metric: {cfg.objective.metric!r} is never logged; choose one of {', '.join(known)}"
+            f"objective.metric: {cfg.objective.metric!r} is never logged by task={cfg.task.name}; choose one of "
+            f"{', '.join(known)}"
         )
 
 

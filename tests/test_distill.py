@@ -14,9 +14,9 @@ from src.backbones import BACKBONES
 from src.data import DATA
 from src.finetune import FINETUNE
 from src.finetune.distill import Classifier, DistillationLoss
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
-from tests.conftest import run_cli
+from tests.conftest import classification, run_cli
 
 STUDENT = ["backbone.channels=[8,16]"]
 
@@ -24,7 +24,7 @@ STUDENT = ["backbone.channels=[8,16]"]
 def test_kd_term_is_zero_when_the_student_matches_the_teacher() -> None:
     torch.manual_seed(0)
     backbone = BACKBONES.build({"name": "small_cnn", "pretrain": None})
-    teacher = Classifier(backbone, ClassifierHead(backbone.feature_dim, 5))
+    teacher = Classifier(backbone, Head(backbone.feature_dim, 5))
     batch = {"pixel_values": torch.randn(6, 1, 8, 8)}
     kd = DistillationLoss(teacher, temperature=2.0, alpha=0.7)
     assert kd(None, batch, teacher(batch)).item() == pytest.approx(0.0, abs=1e-6)
@@ -42,15 +42,17 @@ def test_a_teacher_file_needs_its_backbone_config(tmp_path: Path) -> None:
 def test_student_kd_loss_decreases_in_training() -> None:
     pl.seed_everything(0)
     teacher_backbone = BACKBONES.build({"name": "small_cnn", "pretrain": None})  # any fixed teacher will do
-    teacher = Classifier(teacher_backbone, ClassifierHead(teacher_backbone.feature_dim, 5))
+    teacher = Classifier(teacher_backbone, Head(teacher_backbone.feature_dim, 5))
     student = BACKBONES.build({"name": "small_cnn", "channels": [8, 16], "pretrain": None})
-    dm = DATA.build({"name": "digits", "batch_size": 25}, preprocessing=student.preprocessing, seed=0)
+    dm = DATA.build(
+        {"name": "digits", "batch_size": 25}, preprocessing=student.preprocessing, seed=0, task=classification()
+    )
     dm.setup("fit")
     kd = DistillationLoss(teacher, temperature=4.0, alpha=1.0)
     module = TransferModule(
         student,
-        ClassifierHead(student.feature_dim, dm.num_classes),
-        dm.num_classes,
+        Head(student.feature_dim, dm.task.num_outputs),
+        dm.task,
         configure_optim=partial(configure_optimizers, cfg=OptimConfig(lr=1e-2, warmup_ratio=0.0), weight_decay=0.0),
         loss_terms=[kd],
         ce_weight=0.0,

@@ -22,10 +22,10 @@ from src.cache import Cache
 from src.data import DATA
 from src.data.image_folder import ImageDecoder, ImageFiles
 from src.finetune import FINETUNE
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
 from src.schema import ConfigError
-from tests.conftest import shared
+from tests.conftest import classification, shared
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["stem", *(f"stages.{i}" for i in range(7)), "head"]
@@ -109,7 +109,7 @@ def test_image_folder_takes_every_mode_and_names_what_it_skips(tmp_path: Path) -
     node = {"name": "image_folder", "train_dir": str(train), "val_dir": str(train), "batch_size": 8}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dm = DATA.build(node, preprocessing=preprocessing, seed=0)
+        dm = DATA.build(node, preprocessing=preprocessing, seed=0, task=classification())
         dm.setup("fit")
     messages = [str(w.message) for w in caught if "train_dir" in str(w.message)]
     assert len(messages) == 2, messages
@@ -142,9 +142,9 @@ def test_decoded_images_are_cached_across_epochs_and_runs(tmp_path: Path) -> Non
     node["cache_dir"] = str(store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cached = DATA.build(node, preprocessing=preprocessing, seed=0)
+        cached = DATA.build(node, preprocessing=preprocessing, seed=0, task=classification())
         cached.setup("fit")
-        lazy = DATA.build({**node, "cache_images": False}, preprocessing=preprocessing, seed=0)
+        lazy = DATA.build({**node, "cache_images": False}, preprocessing=preprocessing, seed=0, task=classification())
         lazy.setup("fit")
     val = cached.val_dataloader().dataset
     before = val[0]["pixel_values"]
@@ -171,7 +171,7 @@ def test_image_size_the_backbone_cannot_take(tmp_path: Path) -> None:
     Image.new("RGB", (40, 40)).save(train / "a" / "0.png")
     node = {"name": "image_folder", "train_dir": str(train), "image_size": 16}
     with pytest.raises(ConfigError, match=r"data.image_size: 16 px is below the 32 px the backbone takes"):
-        DATA.build(node, preprocessing=effnet(0).preprocessing, seed=0)
+        DATA.build(node, preprocessing=effnet(0).preprocessing, seed=0, task=classification())
 
 
 def test_partial_finetune_steps_on_a_handful_of_photos() -> None:
@@ -192,12 +192,12 @@ def test_partial_finetune_steps_on_a_handful_of_photos() -> None:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dm = DATA.build(node, preprocessing=backbone.preprocessing, seed=0)
+        dm = DATA.build(node, preprocessing=backbone.preprocessing, seed=0, task=classification())
         dm.setup("fit")
     module = TransferModule(
         backbone,
-        ClassifierHead(backbone.feature_dim, dm.num_classes),
-        dm.num_classes,
+        Head(backbone.feature_dim, dm.task.num_outputs),
+        dm.task,
         configure_optim=partial(configure_optimizers, cfg=OptimConfig(lr=1e-3, warmup_ratio=0.0), weight_decay=0.01),
     )
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}

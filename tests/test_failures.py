@@ -24,7 +24,7 @@ from src.health import HealthCheck
 from src.schema import ConfigError
 from src.tracking.mlflow_run import store_lock
 from src.train import execute
-from tests.conftest import REPO
+from tests.conftest import REPO, classification
 from tests.test_freeze import build as build_pieces
 from tests.test_freeze import trainer as bare_trainer
 
@@ -186,7 +186,12 @@ def minilm_preprocessing():
 def test_bad_data_files_are_config_errors(tmp_path: Path, minilm_preprocessing, content: bytes, message: str) -> None:
     path = tmp_path / "train.tsv"
     path.write_bytes(content)
-    dm = DATA.build({"name": "text_table", "train_path": str(path)}, preprocessing=minilm_preprocessing, seed=0)
+    dm = DATA.build(
+        {"name": "text_table", "train_path": str(path)},
+        preprocessing=minilm_preprocessing,
+        seed=0,
+        task=classification(),
+    )
     with pytest.raises(ConfigError, match=message):
         dm.setup("fit")
 

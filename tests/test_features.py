@@ -22,9 +22,9 @@ from src.config import validate
 from src.data import DATA
 from src.features import CachedSplit, FeatureCache, preprocessing_identity
 from src.finetune import FINETUNE
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.train import run
-from tests.conftest import REPO
+from tests.conftest import REPO, classification
 
 DIGITS = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
@@ -102,9 +102,7 @@ def test_distillation_teacher_logits_are_cached(tmp_path: Path) -> None:
 
 def attach(root: Path, backbone: Any, dm: Any, augmented: bool = False, **strategy: Any) -> FeatureCache:
     """The run's hook on a built backbone and data module (default strategy: linear_probe)."""
-    module = TransferModule(
-        backbone, ClassifierHead(backbone.feature_dim, dm.num_classes), dm.num_classes, configure_optim=dict
-    )
+    module = TransferModule(backbone, Head(backbone.feature_dim, dm.task.num_outputs), dm.task, configure_optim=dict)
     features = FeatureCache(CacheConfig(dir=str(root)), dm, "cpu")
     strategy = {"name": "linear_probe", **strategy}
     features.attach(FINETUNE.build(strategy), module, augmented=augmented, epochs=1)
@@ -129,6 +127,7 @@ def text_data(path: Path, backbone: Any, seed: int = 0, **cfg: Any) -> Any:
         {"name": "text_table", "train_path": str(path), "val_path": str(path), **cfg},
         preprocessing=backbone.preprocessing,
         seed=seed,
+        task=classification(),
     )
     dm.setup("fit")
     return dm
@@ -195,7 +194,7 @@ def digits(augmented: bool = False, root: Path | None = None, **strategy: Any) -
     """small_cnn (seeded random init: the same weights in every process) on digits, with the cache attached."""
     torch.manual_seed(0)
     backbone = BACKBONES.build({"name": "small_cnn", "pretrain": None}, pretrained=False)
-    dm = DATA.build({"name": "digits"}, preprocessing=backbone.preprocessing, seed=0)
+    dm = DATA.build({"name": "digits"}, preprocessing=backbone.preprocessing, seed=0, task=classification())
     dm.setup("fit")
     return attach(root, backbone, dm, augmented, **strategy), dm
 

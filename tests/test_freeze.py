@@ -14,8 +14,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from src.backbones import BACKBONES
 from src.data import DATA
 from src.finetune import FINETUNE, Strategy
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
+from tests.conftest import classification
 
 
 def build(
@@ -25,13 +26,18 @@ def build(
     pl.seed_everything(0)
     strategy = FINETUNE.build(finetune)
     backbone = strategy.prepare(BACKBONES.build({"name": "small_cnn", "pretrain": None}, pretrained=False))
-    dm = DATA.build({"name": "digits", "batch_size": batch_size}, preprocessing=backbone.preprocessing, seed=0)
+    dm = DATA.build(
+        {"name": "digits", "batch_size": batch_size},
+        preprocessing=backbone.preprocessing,
+        seed=0,
+        task=classification(),
+    )
     dm.setup("fit")
     optim = optim or OptimConfig(lr=1e-2, warmup_ratio=0.0)
     module = TransferModule(
         backbone,
-        ClassifierHead(backbone.feature_dim, dm.num_classes),
-        dm.num_classes,
+        Head(backbone.feature_dim, dm.task.num_outputs),
+        dm.task,
         configure_optim=partial(
             configure_optimizers, cfg=optim, weight_decay=0.01, restarts=strategy.schedule_restarts()
         ),

@@ -16,9 +16,9 @@ from src.backbones.minilm import minilm_path
 from src.data import DATA
 from src.finetune import FINETUNE
 from src.finetune.lora import default_targets, merge_adapters
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
-from tests.conftest import run_cli
+from tests.conftest import classification, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def test_lora_trains_only_adapters_and_head_and_merges_to_a_plain_backbone(tiny_
     assert lora and all(id(p) in grouped for p in lora.values()), "adapters must sit inside the layer groups"
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {"query", "value"}
     node = {"name": "text_table", "train_path": str(sentences), "batch_size": 8}
-    dm = DATA.build(node, preprocessing=backbone.preprocessing, seed=0)
+    dm = DATA.build(node, preprocessing=backbone.preprocessing, seed=0, task=classification())
     dm.setup("fit")
     module = TransferModule(
         backbone,
-        ClassifierHead(backbone.feature_dim, dm.num_classes),
-        dm.num_classes,
+        Head(backbone.feature_dim, dm.task.num_outputs),
+        dm.task,
         configure_optim=partial(configure_optimizers, cfg=OptimConfig(lr=1e-2, warmup_ratio=0.0), weight_decay=0.0),
     )
     before = {n: p.detach().clone() for n, p in module.named_parameters()}

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from src.backbones import BACKBONES
 from src.finetune.param_groups import layer_lrs
-from src.module import ClassifierHead
+from src.module import Head
 from src.optim import OptimConfig, build_optimizer, lr_factor
 from tests.conftest import run_cli
 
@@ -33,7 +33,7 @@ def test_layer_lrs_decay_from_the_head() -> None:
 def test_ratios_hold_under_every_schedule(scheduler: str, decay: float) -> None:
     backbone = small_cnn()
     groups = backbone.layer_groups()
-    head = ClassifierHead(backbone.feature_dim, 3)
+    head = Head(backbone.feature_dim, 3)
     cfg = OptimConfig(lr=1e-2, layer_decay=decay, scheduler=scheduler, warmup_ratio=0.2)
     optimizer = build_optimizer(cfg, groups, head, weight_decay=0.01)
     total = 50
@@ -57,7 +57,7 @@ def test_ratios_hold_under_every_schedule(scheduler: str, decay: float) -> None:
 
 def test_norm_and_bias_are_not_weight_decayed() -> None:
     backbone = small_cnn()
-    head = ClassifierHead(backbone.feature_dim, 3)
+    head = Head(backbone.feature_dim, 3)
     optimizer = build_optimizer(OptimConfig(), backbone.layer_groups(), head, weight_decay=0.05)
     for group in optimizer.param_groups:
         dims = {p.ndim for p in group["params"]}
@@ -70,7 +70,7 @@ def test_explicit_group_lrs() -> None:
     backbone = small_cnn()
     n = len(backbone.layer_groups())
     lrs = [0.001 * (i + 1) for i in range(n + 1)]
-    optimizer = build_optimizer(OptimConfig(group_lrs=lrs), backbone.layer_groups(), ClassifierHead(8, 2), 0.0)
+    optimizer = build_optimizer(OptimConfig(group_lrs=lrs), backbone.layer_groups(), Head(8, 2), 0.0)
     assert {g["layer_group"]: g["lr"] for g in optimizer.param_groups} == dict(enumerate(lrs))
 
 

@@ -30,9 +30,9 @@ from torch import nn
 
 from src.backbones import BACKBONES
 from src.data import DATA
-from src.module import ClassifierHead
+from src.module import Head
 from src.optim import OptimConfig, build_optimizer
-from tests.conftest import run_cli, shared
+from tests.conftest import classification, run_cli, shared
 
 BATCH = 32
 LR = 1e-4
@@ -92,9 +92,9 @@ def plain_seconds(steps: int, threads: int) -> float:
     torch.set_num_threads(threads)
     pl.seed_everything(0)
     backbone = BACKBONES.build({"name": "minilm"})
-    dm = DATA.build(data_cfg(steps), preprocessing=backbone.preprocessing, seed=0)
+    dm = DATA.build(data_cfg(steps), preprocessing=backbone.preprocessing, seed=0, task=classification())
     dm.setup("fit")
-    head = ClassifierHead(backbone.feature_dim, dm.num_classes, dropout=0.1)
+    head = Head(backbone.feature_dim, dm.task.num_outputs, dropout=0.1)
     cfg = OptimConfig(lr=LR, scheduler="constant", warmup_ratio=0.0)
     optimizer = build_optimizer(cfg, backbone.layer_groups(), head, WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -16,7 +16,7 @@ from src.backbones import BACKBONES, Preprocessing
 from src.backbones.minilm import minilm_path
 from src.data import DATA
 from src.finetune.init import backbone_state, resolve_checkpoint
-from src.module import ClassifierHead, TransferModule
+from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
 from src.regularization import RegularizationConfig, build
 from src.regularization.augment import AugmentConfig, ImageAugment, TokenDropout
@@ -24,19 +24,21 @@ from src.regularization.ema import EMAConfig
 from src.regularization.l2sp import L2SPConfig
 from src.regularization.mixup import Mixup, MixupConfig
 from src.regularization.reference import PretrainedReference
-from tests.conftest import run_cli
+from tests.conftest import classification, run_cli
 
 
 def digits_module(reg: RegularizationConfig, weight_decay: float = 0.0):
     pl.seed_everything(0)
     backbone = BACKBONES.build({"name": "small_cnn", "pretrain": None})
-    dm = DATA.build({"name": "digits", "batch_size": 16}, preprocessing=backbone.preprocessing, seed=0)
+    dm = DATA.build(
+        {"name": "digits", "batch_size": 16}, preprocessing=backbone.preprocessing, seed=0, task=classification()
+    )
     dm.setup("fit")
-    regs = build(reg, backbone, dm.num_classes)
+    regs = build(reg, backbone, dm.task.num_outputs)
     module = TransferModule(
         backbone,
-        ClassifierHead(backbone.feature_dim, dm.num_classes),
-        dm.num_classes,
+        Head(backbone.feature_dim, dm.task.num_outputs),
+        dm.task,
         configure_optim=partial(
             configure_optimizers, cfg=OptimConfig(lr=1e-2, warmup_ratio=0.0), weight_decay=weight_decay
         ),

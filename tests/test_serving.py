@@ -27,9 +27,9 @@ from src.config import Objective, SecondaryObjective
 from src.data import DATA
 from src.schema import ConfigError
 from src.serving.export import _png_base64
-from src.serving.model import Classifier
+from src.serving.model import TrainedModel
 from src.sweep.trial import JobTrial
-from tests.conftest import REPO, shared
+from tests.conftest import REPO, classification, shared
 from tests.test_failures import run_in_process
 from tests.test_text_run import write_table
 
@@ -59,6 +59,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         {"name": "digits"},
         preprocessing=Preprocessing("image", image_size=8, channels=1, mean=(0.5,), std=(0.5,)),
         seed=0,
+        task=classification(),
     )
     digits.setup("test")
     test = digits.test_dataloader().dataset
@@ -200,7 +201,7 @@ def test_minilm_model_predicts_raw_sentences_offline(tmp_path: Path, monkeypatch
     assert values["test/acc"] == pytest.approx(run.data.metrics["test/acc"], abs=1e-6)
     assert values["test/loss"] == pytest.approx(run.data.metrics["test/loss"], rel=1e-3)
     classifier = model.unwrap_python_model().classifier
-    assert isinstance(classifier, Classifier) and classifier.spec.backbone["name"] == "minilm"
+    assert isinstance(classifier, TrainedModel) and classifier.spec.backbone["name"] == "minilm"
 
 
 @pytest.mark.slow
@@ -287,16 +288,16 @@ def test_mlflow_models_serve_answers_invocations(digits_run: tuple[Path, str]) -
 
 def test_predictions_for_many_classes_build_one_unfragmented_frame() -> None:
     """With hundreds of classes, adding a column per class made pandas warn at every model log and prediction."""
-    import types
     import warnings
 
     names = [f"c{i}" for i in range(300)]
-    classifier = Classifier.__new__(Classifier)
-    classifier.spec = types.SimpleNamespace(class_names=names)
-    probs = np.random.default_rng(0).dirichlet(np.ones(len(names)), size=4).astype(np.float32)
-    classifier.probabilities = lambda frame: probs
+    model = TrainedModel.__new__(TrainedModel)
+    model.task = classification()
+    model.task.bind(names, None)
+    logits = np.random.default_rng(0).normal(size=(4, len(names)))
+    model.outputs = lambda frame: logits
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = classifier.predict_frame(pd.DataFrame({"image": ["x"] * 4}))
+        out = model.predict_frame(pd.DataFrame({"image": ["x"] * 4}))
     assert list(out.columns) == ["label", *(f"prob_{n}" for n in names)]
-    assert list(out["label"]) == [names[i] for i in probs.argmax(1)]
+    assert list(out["label"]) == [names[i] for i in logits.argmax(1)]

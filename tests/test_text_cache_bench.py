@@ -19,7 +19,7 @@ import pytest
 from src.data import DATA
 from src.data.tables import read_table
 from src.data.text_table import encode_table
-from tests.conftest import shared
+from tests.conftest import classification, shared
 
 ROWS = 100_000
 
@@ -50,7 +50,7 @@ def measure(workdir: Path, preprocessing: Any) -> dict[str, Any]:
     tokenise_s = time.perf_counter() - start
 
     def setup_seconds() -> tuple[float, Any]:
-        dm = DATA.build(node, preprocessing=preprocessing, seed=0)
+        dm = DATA.build(node, preprocessing=preprocessing, seed=0, task=classification())
         start = time.perf_counter()
         dm.setup("fit")
         return time.perf_counter() - start, dm

@@ -73,7 +73,7 @@ def test_headerless_ag_news_csv_with_class_file(tmp_path: Path, text_pre: Prepro
     train = write_csv(tmp_path / "train.csv", news_rows())
     test = write_csv(tmp_path / "test.csv", news_rows(8))
     dm = build(news_node(train, test_path=str(test), label_names=str(classes_txt), **NEWS), text_pre)
-    assert dm.class_names == CLASSES and dm.label_mapping == {name: i for i, name in enumerate(CLASSES)}
+    assert dm.names == CLASSES and dm.label_mapping == {name: i for i, name in enumerate(CLASSES)}
     # 1-based file labels 1..4 -> class indices 0..3; row i has class i % 4
     assert all_labels(dm.test_dataloader().dataset) == [i % 4 for i in range(8)]
     first = decoded(dm, "test", text_pre.tokenizer)[0]
@@ -94,7 +94,7 @@ def test_header_false_addresses_columns_by_index(tmp_path: Path, text_pre: Prepr
     train.write_text("".join("\t".join(row) + "\n" for row in news_rows()))
     node = news_node(train, header=False, text_column=[1, 2], label_column="0")
     dm = build(node, text_pre)
-    assert dm.class_names == ["1", "2", "3", "4"]  # no label_names: the labels as written, numerically sorted
+    assert dm.names == ["1", "2", "3", "4"]  # no label_names: the labels as written, numerically sorted
     assert '" quoted ", about' in decoded(dm, "val", text_pre.tokenizer)[0]
 
 
@@ -104,7 +104,7 @@ def test_parquet_gives_the_same_splits_as_csv(tmp_path: Path, text_pre: Preproce
     parquet = write_parquet(tmp_path / "news.parquet", rows, NEWS["column_names"])
     node = news_node(parquet, label_names=str(classes_txt), text_column=NEWS["text_column"])
     parquet_dm = build(node, text_pre)
-    assert parquet_dm.class_names == csv_dm.class_names
+    assert parquet_dm.names == csv_dm.names
     for split in ("train", "val", "test"):
         a, b = (getattr(dm, f"{split}_dataloader")().dataset for dm in (csv_dm, parquet_dm))
         assert token_rows(a) == token_rows(b) and all_labels(a) == all_labels(b)
@@ -116,7 +116,7 @@ def test_parquet_written_by_datasets_keeps_class_names(tmp_path: Path, text_pre:
     rows = {"text": [f"{TOPIC_WORDS[i % 4]} {i}" for i in range(16)], "label": [i % 4 for i in range(16)]}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "train.parquet")
     dm = build(news_node(tmp_path / "train.parquet", text_column="text"), text_pre)
-    assert dm.class_names == CLASSES  # from the file's metadata; integer labels are 0-based indices
+    assert dm.names == CLASSES  # from the file's metadata; integer labels are 0-based indices
 
 
 @pytest.mark.parametrize("name", ["t.csv.gz", "t.tsv.bz2", "t.jsonl.zst", "t.json", "t.jsonl"])
@@ -137,7 +137,7 @@ def test_compressed_and_json_variants(tmp_path: Path, text_pre: Preprocessing, n
         data = pa.Codec("zstd").compress(data, asbytes=True)
     path.write_bytes(data)
     dm = build({"name": "text_table", "train_path": str(path), "val_fraction": 0.2}, text_pre)
-    assert dm.class_names == ["neg", "pos"] and len(dm.train_dataloader().dataset) == 8
+    assert dm.names == ["neg", "pos"] and len(dm.train_dataloader().dataset) == 8
 
 
 def test_explicit_format_for_an_unknown_extension(tmp_path: Path, text_pre: Preprocessing) -> None:
@@ -149,7 +149,7 @@ def test_explicit_format_for_an_unknown_extension(tmp_path: Path, text_pre: Prep
         {"name": "text_table", "train_path": str(path), "format": "tsv", "column_names": ["sentence", "label"]},
         text_pre,
     )
-    assert dm.class_names == ["0", "1"]
+    assert dm.names == ["0", "1"]
 
 
 def test_more_column_names_than_fields_names_column_names(tmp_path: Path, text_pre: Preprocessing) -> None:
@@ -192,7 +192,7 @@ def test_label_names_map_names_and_integer_labels(
     }
     node["val_path"] = node["train_path"]
     dm = build({**node, **extra}, text_pre)
-    assert dm.class_names == ["neg", "neu", "pos"]
+    assert dm.names == ["neg", "neu", "pos"]
     assert all_labels(dm.val_dataloader().dataset)[: len(expected)] == expected
 
 
@@ -281,7 +281,7 @@ def test_cache_key_follows_content_columns_tokenizer_and_max_length(tmp_path: Pa
     assert dm.cache.stats.misses == 1 and len(cached_entries(cache_dir) - keys) == 1
     # labels/names are applied after the cache: changing them reuses the entry
     dm = build({**node, "label_names": CLASSES}, text_pre)
-    assert dm.cache.stats.hits == 1 and dm.class_names == CLASSES
+    assert dm.cache.stats.hits == 1 and dm.names == CLASSES
 
 
 def test_cached_warnings_are_repeated(tmp_path: Path, text_pre: Preprocessing) -> None:
@@ -430,7 +430,7 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_hub_dataset_from_the_local_cache(hub_cache: Path, text_pre: Preprocessing) -> None:
     node = {"name": "text_table", "hf_dataset": "tiny_news", "text_column": "text", "test_split": "test"}
     dm = build({**node, "cache": False, "val_fraction": 0.25}, text_pre)
-    assert dm.class_names == CLASSES  # from the ClassLabel feature
+    assert dm.names == CLASSES  # from the ClassLabel feature
     assert all_labels(dm.test_dataloader().dataset) == [i % 4 for i in range(8)]
     assert decoded(dm, "test", text_pre.tokenizer)[1] == "match goal coach test 1"
     local = build({**node, "hf_dataset": str(hub_cache), "cache": False, "val_fraction": 0.25}, text_pre)
@@ -450,7 +450,7 @@ def test_hub_dataset_saved_to_disk(tmp_path: Path, text_pre: Preprocessing) -> N
     node = {"name": "text_table", "hf_dataset": str(tmp_path / "saved"), "val_split": "dev"}
     node["cache_dir"] = str(tmp_path / "c")
     dm = build(node, text_pre)
-    assert dm.class_names == ["neg", "pos"] and len(dm.val_dataloader().dataset) == 12
+    assert dm.names == ["neg", "pos"] and len(dm.val_dataloader().dataset) == 12
     again = build(node, text_pre)
     assert again.cache.stats.hits == 2
 

@@ -26,7 +26,6 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch.nn import functional as F
 
 from src.adapt.methods import entropy
-from src.metrics import classification_metrics, update
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,7 @@ class TargetEvaluation(pl.Callback):
         if "test" not in loaders:
             return {}
         logits, labels = predict(trainer, module, loaders["test"])
-        metrics = classification_metrics(module.num_classes, prefix).to(logits.device)
-        update(metrics, logits, labels)
-        return {**metrics.compute(), f"{prefix}loss": F.cross_entropy(logits, labels)}
+        return module.task.evaluate(logits, labels, prefix)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -15,11 +15,13 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from src.cache import fingerprint, path_digest
+from src.cache import path_digest
 from src.schema import ConfigError, blame
+from src.tasks.base import labels_digest
 
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
     from src.backbones.base import Preprocessing
+    from src.tasks.base import Task
 
 
 @dataclass
@@ -143,11 +145,12 @@ def source_loader(loader: Any) -> Any:
     return loader["source"] if isinstance(loader, dict) else loader
 
 
-class ClassificationDataModule(pl.LightningDataModule):
-    """Loaders and setup bookkeeping; subclasses implement ``_build`` to produce the splits and class names.
+class DataModule(pl.LightningDataModule):
+    """Loaders and setup bookkeeping; subclasses implement ``_build`` to produce the splits and output names.
 
-    ``setup`` is idempotent (Lightning calls it again after the user did), and ``num_classes``,
-    ``class_names`` and ``label_mapping`` are valid once it has run.
+    The run's task turns label cells into targets (class indices, tag rows, numbers) and says how to stratify;
+    ``setup`` is idempotent (Lightning calls it again after the user did), and ``names`` (classes, tags or
+    target columns), ``label_mapping`` and the bound task are valid once it has run.
 
     A target domain (domain adaptation) is two more splits: ``target_train`` (items may carry labels, which only
     an oracle run trains on) and optionally ``target_test`` (labelled, evaluation only); ``target_role`` says
@@ -158,7 +161,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     # How samples are batched and stored, not what they are: left out of `identity`.
     NOT_SAMPLES = ("batch_size", "eval_batch_size", "num_workers", "cache", "cache_dir")
 
-    def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, seed: int) -> None:
+    def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, seed: int, task: Task) -> None:
         if preprocessing.modality != self.modality:
             raise ValueError(
                 f"data '{cfg.name}' produces {self.modality} inputs but the backbone expects "
@@ -168,20 +171,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.cfg = cfg
         self.preprocessing = preprocessing
         self.seed = seed
-        self.class_names: list[str] = []
+        self.task = task
+        self.names: list[str] = []
         self.label_mapping: dict[str, int] = {}
         self._splits: dict[str, Dataset] = {}
         self.collate_fn: Callable[[list[Any]], Any] | None = None  # None: torch's default_collate
         self.target_role = "eval"  # one of TARGET_ROLES
 
-    @property
-    def num_classes(self) -> int:
-        if not self.class_names:
-            raise RuntimeError(f"{type(self).__name__}: call setup('fit') before reading num_classes")
-        return len(self.class_names)
-
     def _build(self) -> tuple[dict[str, Dataset], list[str]]:  # pragma: no cover - abstract
-        """Return ``{"train", "val"[, "test"][, "target_train"[, "target_test"]]}`` datasets and the class names.
+        """Return ``{"train", "val"[, "test"][, "target_train"[, "target_test"]]}`` datasets (each with its
+        ``labels``: the task's targets) and the output names.
 
         The train split must already be restricted to ``train_indices`` (done by the subclass, before any
         per-sample work such as tokenisation).
@@ -200,7 +199,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_SAMPLES}
         files = {k: path_digest(v) for k, v in fields.items() if isinstance(v, str) and Path(v).exists()}
         labels = {
-            split: fingerprint([int(y) for y in data.labels])
+            split: labels_digest(np.asarray(data.labels))
             for split, data in self._splits.items()
             if getattr(data, "labels", None) is not None  # unlabelled target tables have none
         }
@@ -208,7 +207,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             "module": type(self).__name__,
             "config": fields,
             "files": files,
-            "classes": self.class_names,
+            "task": self.task.name,
+            "classes": self.names,
             "labels": labels,
             "seed": self.seed,
         }
@@ -219,8 +219,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._splits
 
     def train_indices(self, labels: Sequence[Hashable]) -> np.ndarray:
-        """Indices into a training split (given by its labels) of its seeded subset: at most
-        ``max_train_per_class`` examples of each class, then ``max_train_samples`` in all."""
+        """Indices into a training split (given by its strata: classes, rarest tags, target bins) of its seeded
+        subset: at most ``max_train_per_class`` examples of each stratum, then ``max_train_samples`` in all."""
         keep = np.arange(len(labels))
         if self.cfg.max_train_per_class is not None:
             cap = self.cfg.max_train_per_class
@@ -234,24 +234,23 @@ class ClassificationDataModule(pl.LightningDataModule):
         return keep[seeded_subset(n, self.cfg.max_train_samples, self.seed)]
 
     def setup(self, stage: str | None = None) -> None:
-        """Builds the splits once, and refuses data that cannot train a classifier before any compute."""
+        """Builds the splits once, and refuses data the task cannot learn from before any compute; binds the task
+        (its output names, and what it learns from the training targets)."""
         if self._splits:
             return
         try:
             with blame(f"data ({self.cfg.name})"):
-                splits, class_names = self._build()
+                splits, names = self._build()
         except ConfigError as e:  # readers name their key (train_path: ...); the user knows it as data.<key>
             raise ConfigError(str(e) if str(e).startswith("data") else f"data.{e}") from e
-        if len(class_names) < 2:
-            raise ConfigError(
-                f"data ({self.cfg.name}): the training data has {len(class_names)} class(es) {class_names}; "
-                "a classifier needs at least 2 (check the label column)"
-            )
         for split, dataset in splits.items():
             if len(dataset) == 0:
                 raise ConfigError(f"data ({self.cfg.name}): the {split} split is empty")
-        self.class_names = class_names
-        self.label_mapping = {name: i for i, name in enumerate(self.class_names)}
+        self.task.bind(names, None)
+        self.task.check_train(np.asarray(splits["train"].labels), f"data ({self.cfg.name})")
+        self.task.bind(names, np.asarray(splits["train"].labels))
+        self.names = names
+        self.label_mapping = {name: i for i, name in enumerate(names)}
         self._splits = splits
 
     @property

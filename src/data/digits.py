@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from src.data import DATA
-from src.data.common import ClassificationDataModule, DataConfig, stratified_split
+from src.data.common import DataConfig, DataModule, stratified_split
 from src.data.transforms import Compose, Normalize, RepeatChannels, Resize, Transform
 from src.schema import ConfigError
 
@@ -112,7 +112,7 @@ def digits_transform(preprocessing: Preprocessing) -> Transform:
 
 
 @DATA.register("digits", DigitsConfig)
-class DigitsDataModule(ClassificationDataModule):
+class DigitsDataModule(DataModule):
     """Target digits, per class and seeded: ``labels_per_class`` train, ``val_per_class`` val, rest test.
 
     With a ``target_shift`` (domain adaptation) the rest is the shifted target domain instead: half of it per class

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from src.cache import Cache, file_digest, fingerprint
 from src.data import DATA
 from src.data.common import (
-    ClassificationDataModule,
     DataConfig,
+    DataModule,
     check_fraction,
     check_path,
     fraction_split,
@@ -45,6 +45,7 @@ from src.schema import ConfigError
 
 if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
     from src.backbones.base import Preprocessing
+    from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +220,14 @@ class ImageFiles(Dataset):
 
 
 @DATA.register("image_folder", ImageFolderConfig)
-class ImageFolderDataModule(ClassificationDataModule):
+class ImageFolderDataModule(DataModule):
     """``train_dir``/``val_dir``/``test_dir`` class folders; classes are the sorted sub-folders of ``train_dir``."""
 
     modality = "image"
     cfg: ImageFolderConfig
 
-    def __init__(self, cfg: ImageFolderConfig, preprocessing: Preprocessing, seed: int) -> None:
-        super().__init__(cfg, preprocessing, seed)
+    def __init__(self, cfg: ImageFolderConfig, preprocessing: Preprocessing, seed: int, task: Task) -> None:
+        super().__init__(cfg, preprocessing, seed, task)
         if preprocessing.channels not in (1, 3):
             raise ValueError(f"data '{cfg.name}' decodes 1 or 3 channels, backbone wants {preprocessing.channels}")
         mode = "L" if preprocessing.channels == 1 else "RGB"

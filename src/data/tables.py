@@ -351,9 +351,9 @@ def hub_split(key: str, dataset_dict: Any, name: str, split: str) -> Any:
 def hub_table(where: str, dataset: Any) -> RawTable:
     """A hub split's columns; ``ClassLabel`` features contribute their class names."""
     table = dataset.with_format("arrow")[:]
-    label_names = {
-        column: list(feature.names)
-        for column, feature in dataset.features.items()
-        if type(feature).__name__ == "ClassLabel"
-    }
+    label_names = {}
+    for column, feature in dataset.features.items():
+        inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) / List(ClassLabel): tags
+        if type(inner).__name__ == "ClassLabel":
+            label_names[column] = list(inner.names)
     return RawTable(where, arrow_columns(table), list(range(1, table.num_rows + 1)), label_names=label_names)

@@ -33,8 +33,8 @@ from transformers import DataCollatorWithPadding
 from src.cache import Cache, file_digest, fingerprint
 from src.data import DATA
 from src.data.common import (
-    ClassificationDataModule,
     DataConfig,
+    DataModule,
     check_fraction,
     check_path,
     fraction_split,
@@ -54,9 +54,11 @@ from src.data.tables import (
     read_text_bytes,
 )
 from src.schema import ConfigError
+from src.tasks.base import LabelFormat, as_int
 
 if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
     from src.backbones.base import Preprocessing
+    from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ class TextTableConfig(DataConfig):
     text_column: Any = "sentence"  # a column, or a list of columns joined with text_separator
     text_separator: str = " "
     text_pair_column: str | None = None  # second text, e.g. the hypothesis in NLI
-    label_column: str = "label"
+    label_column: Any = "label"  # a column, or a list of columns: 0/1 tags (multilabel) or targets (regression)
+    label_separator: str | None = None  # multilabel: the character between tags in one cell, e.g. "," in "8,20"
     label_names: Any = None  # class names in index order: a list, or a file with one name per line
     label_base: int | None = None  # integer labels index label_names from 0 or 1; None: inferred from train
     bad_rows: str = "error"  # rows with a wrong field count, an empty text/label or an unknown label: error | skip
@@ -135,6 +138,10 @@ class TextTableConfig(DataConfig):
         columns = self.text_columns()
         if not columns:
             raise ValueError(f"text_column: a column name or a non-empty list of them, got {self.text_column!r}")
+        if not self.label_columns() or len(set(self.label_columns())) < len(self.label_columns()):
+            raise ValueError(f"label_column: a column name or a list of distinct ones, got {self.label_column!r}")
+        if self.label_separator is not None and not self.label_separator:
+            raise ValueError("label_separator: must be a non-empty string or null")
         if self.label_names is not None:
             read_label_names("label_names", self.label_names)
         if self.label_base not in (None, 0, 1):
@@ -152,7 +159,7 @@ class TextTableConfig(DataConfig):
     def _check_target_columns(self, key: str) -> None:
         path, fmt = Path(getattr(self, key)), self.format_of(key)
         columns = peek_columns(path, fmt, self.encoding) if self.column_names is None else self.column_names
-        needed = [*self.text_columns(), self.text_pair_column, *([self.label_column] if key != "target_path" else [])]
+        needed = [*self.text_columns(), self.text_pair_column, *(self.label_columns() if key != "target_path" else [])]
         if missing := [c for c in needed if c is not None and c not in columns]:
             raise ValueError(
                 f"{key}: {path} has no column {missing[0]!r} (the target domain needs the source's columns); "
@@ -166,6 +173,10 @@ class TextTableConfig(DataConfig):
     def text_columns(self) -> list[str]:
         """``text_column`` as a list of column names (integers address the columns of a headerless file)."""
         value = self.text_column
+        return [str(c) for c in value] if isinstance(value, list | tuple) else [str(value)]
+
+    def label_columns(self) -> list[str]:
+        value = self.label_column
         return [str(c) for c in value] if isinstance(value, list | tuple) else [str(value)]
 
     def has_header(self) -> bool:
@@ -189,59 +200,17 @@ def peek_columns(path: Path, fmt: str, encoding: str) -> list[str]:
         return []
 
 
-def sorted_labels(labels: list[str]) -> list[str]:
-    """Unique labels, numerically ordered when they are all integers ("2" before "10"), else alphabetically."""
-    unique = set(labels)
-    try:
-        return sorted(unique, key=int)
-    except ValueError:
-        return sorted(unique)
-
-
-def check_class_labels(labels: list[str], where: str, column: str) -> None:
-    """Refuse a label column that cannot be classes, before any compute: real numbers (a regression target such as
-    STS-B's `score`, which would silently become hundreds of classes) or a distinct value on every row."""
-    distinct = set(labels)
-    numbers = [as_float(x) for x in distinct]
-    if len(distinct) > 2 and all(x is not None for x in numbers):
-        fractional = sum(not float(x).is_integer() for x in numbers)
-        if fractional > len(distinct) / 2 or len(distinct) > max(50, len(labels) / 2):
-            shown = ", ".join(sorted(distinct, key=lambda x: float(x))[:5])
-            raise ConfigError(
-                f"{where}: label_column {column!r} looks continuous: {len(distinct)} distinct numbers in "
-                f"{len(labels)} rows ({shown}, ...), which a classifier would treat as that many classes: a regression "
-                "target needs a regression task, which this version does not have yet (integer class ids: declare "
-                "them with label_names)"
-            )
-    if len(labels) > 2 and len(distinct) == len(labels):
-        raise ConfigError(
-            f"{where}: label_column {column!r} has as many distinct values as rows ({len(labels)}): every row would "
-            "be its own class; point label_column at the class column"
-        )
-
-
-def as_float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 def label_text(value: Any) -> str | None:
-    """A label cell as text: None/empty -> None; integral floats (Parquet/JSON ``1.0``) -> ``"1"``."""
+    """A label cell as text: None/empty -> None; integral floats (Parquet/JSON ``1.0``) -> ``"1"``; a list (JSON,
+    Parquet or hub tags) -> its JSON text."""
     if value is None:
         return None
+    if isinstance(value, list | tuple):
+        return json.dumps([label_text(v) for v in value]) if len(value) else None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
     return text or None
-
-
-def as_int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
@@ -280,8 +249,14 @@ class EncodedTexts(Dataset):
         start, end = self.offsets[row], self.offsets[row + 1]
         item: dict[str, Any] = {key: values[start:end].tolist() for key, values in self.encoding.items()}
         if self.labels is not None:  # None: an unlabelled target-domain table
-            item["labels"] = int(self.labels[index])
+            item["labels"] = self.labels[index].tolist()  # a class index, or a row of tags / targets
         return item
+
+    def subset(self, indices: np.ndarray) -> EncodedTexts:
+        subset = EncodedTexts.__new__(EncodedTexts)
+        subset.encoding, subset.offsets = self.encoding, self.offsets
+        subset.rows, subset.labels = self.rows[indices], None if self.labels is None else self.labels[indices]
+        return subset
 
 
 @dataclass
@@ -297,10 +272,17 @@ class Source:
 
 
 def encode_table(
-    raw: RawTable, cfg: TextTableConfig, tokenizer: Any, headerless: bool, labelled: bool = True
+    raw: RawTable,
+    cfg: TextTableConfig,
+    tokenizer: Any,
+    headerless: bool,
+    labelled: bool = True,
+    empty_label: bool = False,
 ) -> dict[str, Any]:
     """Join/clean the text columns, drop or reject bad rows, tokenise: the value the cache stores per table.
-    `labelled=False` (an unlabelled target-domain table): no label column is read.
+    `labelled=False` (an unlabelled target-domain table): no label column is read. Labels stay text (a tuple per
+    row for several label columns): the task turns them into targets. `empty_label`: a row without a label is an
+    example (multi-label: no tag).
 
     Warnings are issued as they arise (before a later error) and kept in the entry, to repeat on cache hits.
     """
@@ -323,11 +305,17 @@ def encode_table(
 
     texts = texts_of(cfg.text_columns())
     pairs = texts_of([cfg.text_pair_column]) if cfg.text_pair_column is not None else None
-    labels = [label_text(v) for v in raw.column(cfg.label_column, hint)] if labelled else [""] * len(texts)
+    labels: list[Any] = [""] * len(texts)
+    if labelled:
+        columns = [[label_text(v) for v in raw.column(name, hint)] for name in cfg.label_columns()]
+        labels = (
+            columns[0] if len(columns) == 1 else [None if None in row else row for row in zip(*columns, strict=True)]
+        )
     if (
         headerless
         and len(labels) > 1
-        and as_int(labels[0] or "") is None
+        and isinstance(labels[0], str)
+        and as_int(labels[0]) is None
         and all(as_int(x or "") is not None for x in labels[1:])
     ):
         note(
@@ -337,7 +325,7 @@ def encode_table(
     problems = {
         "an empty text": [i for i, t in enumerate(texts) if not t],
         "an empty text pair": [i for i, t in enumerate(pairs or []) if not t],
-        "no label": [i for i, label in enumerate(labels) if label is None],
+        "no label": [] if empty_label else [i for i, label in enumerate(labels) if label is None],
     }
     bad = sorted(set().union(*problems.values()))
     if bad:
@@ -364,64 +352,20 @@ def encode_table(
         "offsets": torch.from_numpy(offsets),
         "labels": labels,
         "lines": torch.tensor(lines, dtype=torch.int64),
-        "label_names": raw.label_names.get(cfg.label_column),
+        "label_names": raw.label_names.get(cfg.label_columns()[0]),
         "warnings": warned,
     }
 
 
-class LabelIndex:
-    """Label text -> class index: by name when ``names`` are known (integers index them from ``base``), else
-    the sorted unique labels of the training table."""
-
-    def __init__(self, train_labels: list[str], names: list[str] | None, base: int | None, key: str) -> None:
-        self.base: int | None = None  # None: no label_names, labels are class names as written
-        if names is None:
-            self.class_names = sorted_labels(train_labels)
-        else:
-            self.class_names = names
-            ints = [n for n in map(as_int, set(train_labels) - set(names)) if n is not None]
-            self.base = base if base is not None else (self._infer_base(ints, len(names), key) if ints else 0)
-        self.by_name = {name: i for i, name in enumerate(self.class_names)}
-
-    @staticmethod
-    def _infer_base(ints: list[int], k: int, key: str) -> int:
-        """The base under which more of the distinct integer labels name a class; a tie is ambiguous."""
-        fits = [sum(base <= n < k + base for n in ints) for base in (0, 1)]
-        if fits[0] == fits[1] > 0:
-            raise ConfigError(
-                f"label_base: the integer labels of {key} ({min(ints)}..{max(ints)}) index the {k} label_names "
-                "either from 0 or from 1; set label_base: 0 or 1"
-            )
-        return int(fits[1] > fits[0])  # the labels outside the range are then reported as unknown
-
-    def index(self, label: str) -> int:
-        """The class index of ``label``, -1 when it is not a class."""
-        i = self.by_name.get(label)
-        if (
-            i is None
-            and self.base is not None
-            and (n := as_int(label)) is not None
-            and 0 <= n - self.base < len(self.class_names)
-        ):
-            i = n - self.base
-        return -1 if i is None else i
-
-    def describe(self) -> str:
-        if self.base is None:
-            return f"train labels: {self.class_names}"
-        k = len(self.class_names)
-        return f"label_names: {self.class_names} (or their {self.base}-based indices {self.base}..{k - 1 + self.base})"
-
-
 @DATA.register("text_table", TextTableConfig)
-class TextTableDataModule(ClassificationDataModule):
+class TextTableDataModule(DataModule):
     """Train/val/test tables -> tokenised datasets; classes are ``label_names`` or the sorted unique train labels."""
 
     modality = "text"
     cfg: TextTableConfig
 
-    def __init__(self, cfg: TextTableConfig, preprocessing: Preprocessing, seed: int) -> None:
-        super().__init__(cfg, preprocessing, seed)
+    def __init__(self, cfg: TextTableConfig, preprocessing: Preprocessing, seed: int, task: Task) -> None:
+        super().__init__(cfg, preprocessing, seed, task)
         if preprocessing.tokenizer is None:
             raise ValueError(f"data '{cfg.name}' needs a tokenizer, but the backbone's preprocessing has none")
         self.collate_fn = DataCollatorWithPadding(preprocessing.tokenizer, return_tensors="pt")
@@ -474,7 +418,8 @@ class TextTableDataModule(ClassificationDataModule):
             "text_columns": cfg.text_columns(),
             "text_separator": cfg.text_separator,
             "text_pair_column": cfg.text_pair_column,
-            "label_column": cfg.label_column,
+            "label_column": cfg.label_columns(),
+            "empty_label": self.task.empty_label,
             "lowercase": cfg.lowercase,
             "bad_rows": cfg.bad_rows,
             "max_length": cfg.max_length,
@@ -483,7 +428,9 @@ class TextTableDataModule(ClassificationDataModule):
         key = fingerprint(CACHE_LAYOUT, source.identity, settings, tokenizer_identity(tokenizer))
 
         def compute() -> dict[str, Any]:
-            return encode_table(source.read(), cfg, tokenizer, source.headerless, source.labelled)
+            return encode_table(
+                source.read(), cfg, tokenizer, source.headerless, source.labelled, self.task.empty_label
+            )
 
         start, hits = time.perf_counter(), self.cache.stats.hits
         entry = self.cache.get_or_compute(key, compute) if cfg.cache else compute()
@@ -495,55 +442,36 @@ class TextTableDataModule(ClassificationDataModule):
             warnings.warn(message, UserWarning, stacklevel=2)
         return entry
 
-    def _labels(self, entry: dict[str, Any], index: LabelIndex, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, class indices)`` of an entry's rows; unknown labels fail (or are skipped with bad_rows: skip)."""
-        labels = np.array([index.index(label) for label in entry["labels"]], dtype=np.int64)
-        rows = np.arange(len(labels))
-        unknown = np.flatnonzero(labels < 0)
-        if unknown.size:
-            values = sorted({entry["labels"][i] for i in unknown}, key=str)
-            lines = listed(entry["lines"][unknown].tolist())
-            if index.base is None:
-                train = self.cfg.train_path or self.cfg.hf_dataset
-                message = f"{where} has label(s) {values} that do not occur in train_path {train}"
-            else:
-                message = f"{where} has label(s) {values} outside label_names"
-            message = f"{message} (line(s) {lines}); {index.describe()}"
-            if self.cfg.bad_rows == "error":
-                raise ConfigError(message)
-            warnings.warn(f"{message}; skipped (bad_rows: skip)", UserWarning, stacklevel=2)
-            rows = np.flatnonzero(labels >= 0)
-        return rows, labels[rows]
-
     def _build(self) -> tuple[dict[str, Dataset], list[str]]:
         sources = self._sources()
         entries = {split: self._encoded(source) for split, source in sources.items()}
-        train, base = entries["train"], self.cfg.label_base
+        train, base, names = entries["train"], self.cfg.label_base, None
         if self.cfg.label_names is not None:
             names = read_label_names("label_names", self.cfg.label_names)
-        else:  # class names the source declares (hub ClassLabel): its labels are 0-based indices
+        elif train["label_names"] is not None:  # names the source declares (hub ClassLabel): 0-based indices
             names, base = train["label_names"], 0 if base is None else base
-        if names is None:  # classes come from the data: make sure they are classes
-            check_class_labels(train["labels"], sources["train"].where, self.cfg.label_column)
-        index = LabelIndex(train["labels"], names, base, sources["train"].key)
-        rows, labels = self._labels(train, index, sources["train"].where)
+        fmt = LabelFormat(self.cfg.label_columns(), names, base, self.cfg.label_separator, self.cfg.bad_rows)
+        codec = self.task.codec(train["labels"], fmt, sources["train"].where)
+
+        def labelled(split: str) -> EncodedTexts:
+            entry = entries[split]
+            rows, targets = codec.encode(entry["labels"], entry["lines"].tolist(), sources[split].where)
+            return EncodedTexts(entry, rows, targets)
+
+        whole = labelled("train")
+        strata = self.task.strata(whole.labels)
         if "val" in entries:
-            train_idx = np.arange(len(rows))
-            val_rows, val_labels = self._labels(entries["val"], index, sources["val"].where)
-            val = EncodedTexts(entries["val"], val_rows, val_labels)
+            train_idx, val = np.arange(len(whole)), labelled("val")
         else:
-            train_idx, val_idx = fraction_split(labels.tolist(), self.cfg.val_fraction, self.seed)
-            val = EncodedTexts(train, rows[val_idx], labels[val_idx])
-        train_idx = train_idx[self.train_indices(labels[train_idx].tolist())]
-        splits: dict[str, Dataset] = {"train": EncodedTexts(train, rows[train_idx], labels[train_idx]), "val": val}
-        if "test" in entries:
-            test_rows, test_labels = self._labels(entries["test"], index, sources["test"].where)
-            splits["test"] = EncodedTexts(entries["test"], test_rows, test_labels)
+            train_idx, val_idx = fraction_split(strata, self.cfg.val_fraction, self.seed)
+            val = whole.subset(val_idx)
+        train_idx = train_idx[self.train_indices(strata[train_idx])]
+        splits: dict[str, Dataset] = {"train": whole.subset(train_idx), "val": val}
+        for split in ("test", "target_test"):
+            if split in entries:
+                splits[split] = labelled(split)
         if "target_train" in entries:
             splits["target_train"] = EncodedTexts(
                 entries["target_train"], np.arange(len(entries["target_train"]["labels"])), None
             )
-        if "target_test" in entries:
-            target_rows, target_labels = self._labels(entries["target_test"], index, sources["target_test"].where)
-            splits["target_test"] = EncodedTexts(entries["target_test"], target_rows, target_labels)
-        return splits, index.class_names
+        return splits, codec.names

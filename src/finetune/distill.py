@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 from src.backbones import BACKBONES, Backbone, Preprocessing
 from src.finetune.init import resolve_checkpoint
 from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
-from src.metrics import classification_metrics, update
-from src.module import TEACHER_LOGITS, ClassifierHead
+from src.module import TEACHER_LOGITS, Head
 from src.schema import check
+from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def load_teacher(cfg: DistillConfig, client: MlflowClient | None) -> Classifier:
     backbone = BACKBONES.build(_teacher_backbone_config(cfg, client), pretrained=False)
     backbone.load_state_dict(parts["backbone."], strict=True)
     num_classes, feature_dim = parts["head."]["1.weight"].shape
-    head = ClassifierHead(feature_dim, num_classes)
+    head = Head(feature_dim, num_classes)
     head.load_state_dict(parts["head."])
     return Classifier(backbone, head)
 
@@ -128,14 +128,15 @@ class DistillationLoss:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: DataLoader, num_classes: int, prefix: str, device: torch.device
-) -> dict[str, float]:
-    metrics = classification_metrics(num_classes, prefix).to(device)
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, prefix: str, device: torch.device) -> dict[str, float]:
+    """The teacher scored by the run's task, as the student is."""
+    outputs, labels = [], []
     for batch in loader:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        update(metrics, model.to(device)(batch), batch["labels"])
-    return {k: float(v) for k, v in metrics.compute().items()}
+        outputs.append(model.to(device)(batch).float())
+        labels.append(batch["labels"])
+    metrics = task.evaluate(torch.cat(outputs), torch.cat(labels), prefix)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 class TeacherReport(pl.Callback):
@@ -150,10 +151,10 @@ class TeacherReport(pl.Callback):
         log.info("distill: %s", metrics)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        classes = self.teacher.head[-1].out_features
-        if classes != pl_module.num_classes:
+        classes, expected = self.teacher.head[-1].out_features, pl_module.task.num_outputs
+        if classes != expected:
             raise ValueError(
-                f"finetune.teacher: the teacher predicts {classes} classes, the data has {pl_module.num_classes}; "
+                f"finetune.teacher: the teacher predicts {classes} classes, the data has {expected}; "
                 "distil on the data (and label order) the teacher was fine-tuned on"
             )
         datamodule = trainer.datamodule
@@ -163,14 +164,12 @@ class TeacherReport(pl.Callback):
             "distill/teacher_params": teacher,
             "distill/size_ratio": student / teacher,
         }
-        val = evaluate(
-            self.teacher, datamodule.val_dataloader(), pl_module.num_classes, "teacher/val/", pl_module.device
-        )
+        val = evaluate(self.teacher, datamodule.val_dataloader(), pl_module.task, "teacher/val/", pl_module.device)
         self._log(trainer, {**sizes, **val})
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = trainer.datamodule.test_dataloader()
-        self._log(trainer, evaluate(self.teacher, loader, pl_module.num_classes, "teacher/test/", pl_module.device))
+        self._log(trainer, evaluate(self.teacher, loader, pl_module.task, "teacher/test/", pl_module.device))
 
 
 @FINETUNE.register("distill", DistillConfig)

@@ -1,4 +1,6 @@
-"""The linear probe as Kumar et al. (2022) fit it for LP-FT: logistic regression to convergence on frozen features.
+"""The linear probe as Kumar et al. (2022) fit it for LP-FT: the task's convex probe, fitted to convergence on
+frozen features -- multinomial logistic regression for classes, one logistic regression per tag (multi-label),
+ridge regression on the standardised targets (regression): each is the task's own loss on a linear map, + L2.
 
 Features are extracted once, with the whole model in eval mode (no dropout) -- or read from the feature cache
 (`src.features`), which computed them the same way -- so the probe costs one forward pass
@@ -17,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from src.data.common import source_loader
+from src.tasks.base import Task
 
 
 def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,18 +41,18 @@ def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
     return torch.cat(features), torch.cat(labels)
 
 
-def fit_logistic(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, max_iter: int
+def fit_probe(
+    features: torch.Tensor, labels: torch.Tensor, task: Task, l2: float, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression: mean cross-entropy + l2·‖W‖² (bias unpenalised), minimised by L-BFGS."""
+    """The task's loss of a linear map + l2·‖W‖² (bias unpenalised), minimised by L-BFGS (convex for every task)."""
     x = features.double()
-    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    weight = torch.zeros(task.num_outputs, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(task.num_outputs, dtype=x.dtype, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(x @ weight.T + bias, labels) + l2 * weight.pow(2).sum()
+        loss = task.loss(x @ weight.T + bias, labels) + l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -59,7 +62,7 @@ def fit_logistic(
 
 
 class FitLinearProbe(pl.Callback):
-    """Before the first training step, sets the head's final linear layer to the fitted logistic regression.
+    """Before the first training step, sets the head's final linear layer to the fitted probe.
     A resumed fit (global step > 0) keeps the checkpoint's head."""
 
     def __init__(self, l2: float, max_iter: int = 500) -> None:
@@ -71,9 +74,9 @@ class FitLinearProbe(pl.Callback):
             return
         features, labels = extract_features(trainer, pl_module)
         if trainer.world_size > 1:  # equal shard sizes: the DistributedSampler pads them
-            features, labels = pl_module.all_gather(features).flatten(0, 1), pl_module.all_gather(labels).flatten()
+            features, labels = pl_module.all_gather(features).flatten(0, 1), pl_module.all_gather(labels).flatten(0, 1)
         linear = [m for m in pl_module.head.modules() if isinstance(m, nn.Linear)][-1]
-        weight, bias = fit_logistic(features, labels, linear.out_features, self.l2, self.max_iter)
+        weight, bias = fit_probe(features, labels, pl_module.task, self.l2, self.max_iter)
         with torch.no_grad():
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)

@@ -18,6 +18,7 @@ from src.regularization.mixup import Mixup, MixupConfig
 from src.regularization.reference import PretrainedReference
 from src.regularization.wise_ft import WiseFT
 from src.schema import check
+from src.tasks.base import Task
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Regularizers:
     callbacks: list[pl.Callback] = field(default_factory=list)  # EMA, WiSE-FT, L2-SP's weight-decay switch
 
 
-def _batch_transforms(cfg: RegularizationConfig, backbone: Backbone, num_classes: int) -> list[BatchTransform]:
+def _batch_transforms(cfg: RegularizationConfig, backbone: Backbone, task: Task) -> list[BatchTransform]:
     """Augmentation first, mixup last (it mixes augmented images). Knobs for the other modality are an error,
     so a config never records an augmentation that did not happen.
     """
@@ -82,15 +83,15 @@ def _batch_transforms(cfg: RegularizationConfig, backbone: Backbone, num_classes
     if cfg.augment.token_dropout > 0:
         out.append(TokenDropout(cfg.augment.token_dropout, backbone.preprocessing.tokenizer))
     if cfg.mixup.enabled:
-        out.append(Mixup(cfg.mixup, num_classes))
+        out.append(Mixup(cfg.mixup, task))
     return out
 
 
-def build(cfg: RegularizationConfig, backbone: Backbone, num_classes: int) -> Regularizers:
+def build(cfg: RegularizationConfig, backbone: Backbone, task: Task) -> Regularizers:
     """Regularizers that act on weights see the backbone as built (pretrained weights = the reference), so call
     this after any `init_from`/strategy `prepare` and before training.
     """
-    out = Regularizers(batch_transforms=_batch_transforms(cfg, backbone, num_classes))
+    out = Regularizers(batch_transforms=_batch_transforms(cfg, backbone, task))
     l2_sp = cfg.l2_sp
     reference = PretrainedReference(backbone) if l2_sp.alpha > 0 or cfg.wise_ft_enabled else None
     if l2_sp.alpha > 0 or l2_sp.beta > 0:

@@ -1,6 +1,6 @@
 """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on image batches, with soft-label targets.
 
-The mixed targets go to the batch as `soft_labels`; `TransferModule` then uses them as cross-entropy targets,
+The mixed targets go to the batch as `soft_labels`; `TransferModule` then uses them as the task loss's targets,
 where `label_smoothing` still applies (torch smooths probability targets too).
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from src.schema import check
+from src.tasks.base import Task
 
 
 @dataclass
@@ -51,8 +51,8 @@ def _cutmix_box(height: int, width: int, lam: float) -> tuple[slice, slice]:
 class Mixup:
     """Batch transform: mixes each sample with a random other one of the batch (a permutation), images and labels."""
 
-    def __init__(self, cfg: MixupConfig, num_classes: int) -> None:
-        self.cfg, self.num_classes = cfg, num_classes
+    def __init__(self, cfg: MixupConfig, task: Task) -> None:
+        self.cfg, self.task = cfg, task
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -61,7 +61,7 @@ class Mixup:
         x = batch["pixel_values"]
         targets = batch.get("soft_labels")
         if targets is None:
-            targets = F.one_hot(batch["labels"], self.num_classes).to(x.dtype)
+            targets = self.task.soft_targets(batch["labels"]).to(x.dtype)
         perm = torch.randperm(len(x), device=x.device)
         use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or float(torch.rand(())) < cfg.switch_prob)
         if use_cutmix:

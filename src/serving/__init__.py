@@ -1,1 +1,1 @@
-"""Using a trained run: its MLflow pyfunc model (logged by `export`, loaded as `model.Classifier`)."""
+"""Using a trained run: its MLflow pyfunc model (logged by `export`, loaded as `model.TrainedModel`)."""

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from src.serving.model import Classifier
+    from src.serving.model import TrainedModel
 
 RUN_FILE = "run.json"  # src.tracking.resume.RUN_FILE: the run an output folder belongs to
 
@@ -71,7 +71,9 @@ def _run_of_checkpoint(path: Path) -> str:
     )
 
 
-def load_classifier(source: str, client: MlflowClient, checkpoint: str | None = None) -> tuple[Classifier, str | None]:
+def load_classifier(
+    source: str, client: MlflowClient, checkpoint: str | None = None
+) -> tuple[TrainedModel, str | None]:
     """The model of `source` (a run id, a checkpoint file of a run, a `runs:/`/`models:/` URI or a local model
     folder), optionally with the weights of `checkpoint`; and the id of the run it came from (if any)."""
     import mlflow
@@ -125,7 +127,7 @@ class _tracking_uri:  # noqa: N801 - used like a function
         mlflow.set_tracking_uri(self.previous)
 
 
-def load_checkpoint(classifier: Classifier, path: Path) -> None:
+def load_checkpoint(classifier: TrainedModel, path: Path) -> None:
     """Replace the model's weights by a training checkpoint's (`backbone.*`, `head.*` keys)."""
     import torch
 
@@ -142,7 +144,7 @@ def load_checkpoint(classifier: Classifier, path: Path) -> None:
             raise ConfigError(f"checkpoint: {path} does not fit the run's model ({name}): {first}") from None
 
 
-def read_inputs(source: str, classifier: Classifier, label_column: str | None = None) -> pd.DataFrame:
+def read_inputs(source: str, classifier: TrainedModel, label_column: str | None = None) -> pd.DataFrame:
     """A table file (CSV/TSV/JSON lines) as a DataFrame, or an image folder (`<dir>/<class>/<image>`, or loose
     images) as `image` paths plus, when there are class sub-folders, their names under `label_column`."""
     import pandas as pd

@@ -22,19 +22,18 @@ from PIL import Image
 
 import src
 from src.backbones.hf import HFBackbone
-from src.data.common import ClassificationDataModule
+from src.data.common import DataModule
 from src.data.tables import read_table
 from src.module import TransferModule
 from src.serving.model import (
     IMAGE_COLUMN,
-    LABEL_COLUMN,
-    PROB_PREFIX,
     SPEC_FILE,
     WEIGHTS_FILE,
     InputSpec,
     ModelSpec,
     TransferPyfunc,
 )
+from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
 # MLflow warns that a Python object is pickled: ours pickles by reference to `src.serving.model`, shipped with the
@@ -45,7 +44,7 @@ MODEL_NAME = "model"  # runs:/<run id>/model
 N_EXAMPLES = 2
 
 
-def input_spec(datamodule: ClassificationDataModule) -> InputSpec:
+def input_spec(datamodule: DataModule) -> InputSpec:
     """The raw-input contract of the data module the run trained on (text columns, or the image transform)."""
     p = datamodule.preprocessing
     if p.modality == "text":
@@ -63,7 +62,7 @@ def _png_base64(pixels: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def examples(datamodule: ClassificationDataModule, spec: InputSpec) -> pd.DataFrame | None:
+def examples(datamodule: DataModule, spec: InputSpec) -> pd.DataFrame | None:
     """A few raw validation inputs: texts from the table, or images (files or in-memory) as base64."""
     if spec.modality == "text":
         c = datamodule.cfg
@@ -83,16 +82,20 @@ def examples(datamodule: ClassificationDataModule, spec: InputSpec) -> pd.DataFr
     return pd.DataFrame({IMAGE_COLUMN: images})
 
 
-def signature(spec: ModelSpec) -> ModelSignature:
+def signature(spec: ModelSpec, task: Task) -> ModelSignature:
     inputs = Schema([ColSpec("string", c) for c in spec.input.columns])
-    outputs = Schema([ColSpec("string", LABEL_COLUMN), *(ColSpec("double", PROB_PREFIX + c) for c in spec.class_names)])
+    outputs = Schema([ColSpec(kind, name) for name, kind in task.prediction_columns()])
     return ModelSignature(inputs, outputs)
 
 
 def write_artifacts(folder: Path, spec: ModelSpec, module: TransferModule) -> None:
     """spec.json, weights.pt and, for a Hugging Face backbone, its config + tokenizer under backbone/."""
     spec.save(folder / SPEC_FILE)
-    weights = {"backbone": module.backbone.state_dict(), "head": module.head.state_dict()}
+    weights = {
+        "backbone": module.backbone.state_dict(),
+        "head": module.head.state_dict(),
+        "task": module.task.state_dict(),  # what the task learned: tuned thresholds, the target's scale
+    }
     torch.save(weights, folder / WEIGHTS_FILE)
     backbone = module.backbone
     if isinstance(backbone, HFBackbone):
@@ -113,7 +116,7 @@ def log_model(
     tracker: Any,
     raw: DictConfig,
     module: TransferModule,
-    datamodule: ClassificationDataModule,
+    datamodule: DataModule,
     register_as: str | None = None,
 ) -> str:
     """Log the module's current weights (call after test: best checkpoint, merged adapters, WiSE-FT) as the run's
@@ -123,9 +126,11 @@ def log_model(
         backbone=OmegaConf.to_container(raw.backbone, resolve=True),
         hf_files=isinstance(module.backbone, HFBackbone),
         feature_dim=module.backbone.feature_dim,
-        class_names=list(datamodule.class_names),
+        task=OmegaConf.to_container(raw.task, resolve=True),
+        names=list(datamodule.names),
         input=input_spec(datamodule),
         label_column=getattr(datamodule.cfg, "label_column", "label"),
+        label_separator=getattr(datamodule.cfg, "label_separator", None),
         source_run_id=tracker.run_id,
     )
     previous = mlflow.get_tracking_uri()
@@ -144,7 +149,7 @@ def log_model(
                 python_model=TransferPyfunc(),
                 artifacts={"model": tmp},
                 code_paths=[str(Path(src.__file__).parent)],
-                signature=signature(spec),
+                signature=signature(spec, module.task),
                 input_example=examples(datamodule, spec.input),
                 pip_requirements=requirements(),
                 registered_model_name=register_as,

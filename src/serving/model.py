@@ -1,8 +1,11 @@
-"""A trained run as a self-contained classifier: backbone + head + preprocessing + label names, rebuilt offline.
+"""A trained run as a self-contained model: backbone + head + task + preprocessing, rebuilt offline.
 
-The same `Classifier` serves `mlflow.pyfunc.load_model(...).predict(df)`, `mlflow models serve`, `src.evaluate`
-and `src.predict`, so a served model and an evaluated one cannot disagree. Raw inputs are a DataFrame: the
-training data's text column (and text-pair column), or an `image` column of file paths or base64-encoded images.
+The task (its config and what it learned: tuned thresholds, a target's scale) travels with the weights, so the
+served predictions are the run's: classes with probabilities, tags with per-tag probabilities, or numbers in the
+target's original units. The same `TrainedModel` serves `mlflow.pyfunc.load_model(...).predict(df)`,
+`mlflow models serve`, `src.evaluate` and `src.predict`, so a served model and an evaluated one cannot disagree.
+Raw inputs are a DataFrame: the training data's text column (and text-pair column), or an `image` column of file
+paths or base64-encoded images.
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ from mlflow.pyfunc import PythonModel
 from PIL import Image, UnidentifiedImageError
 
 from src.schema import ConfigError
+from src.tasks.base import Task
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.pt"
 IMAGE_COLUMN = "image"
-LABEL_COLUMN = "label"  # the predicted class name in the output
-PROB_PREFIX = "prob_"  # one output column per class: prob_<class name>
 BATCH_SIZE = 64
 
 
@@ -61,9 +63,11 @@ class ModelSpec:
     backbone: dict[str, Any]  # the resolved conf/backbone node the run trained with
     hf_files: bool  # the backbone is a Hugging Face model whose config + tokenizer are saved beside the weights
     feature_dim: int
-    class_names: list[str]
+    task: dict[str, Any]  # the resolved conf/task node
+    names: list[str]  # classes, tags or target columns: the head's outputs
     input: InputSpec
-    label_column: str  # the training data's label column: what `src.evaluate` reads from a table by default
+    label_column: Any  # the training data's label column(s): what `src.evaluate` reads from a table by default
+    label_separator: str | None = None  # multi-label: the character between tags in that column
     source_run_id: str | None = None
 
     def save(self, path: Path) -> None:
@@ -73,10 +77,6 @@ class ModelSpec:
     def load(cls, path: Path) -> ModelSpec:
         data = json.loads(path.read_text())
         return cls(**{**data, "input": InputSpec(**data["input"])})
-
-    @property
-    def output_columns(self) -> list[str]:
-        return [LABEL_COLUMN, *(PROB_PREFIX + name for name in self.class_names)]
 
 
 def rebuild_node(spec: ModelSpec, hf_dir: Path | None) -> dict[str, Any]:
@@ -103,25 +103,31 @@ def decode_image(value: Any) -> Image.Image:
         raise ConfigError(f"{IMAGE_COLUMN}: {shown!r} is neither an image file nor a base64-encoded image") from None
 
 
-class Classifier:
-    """Backbone + head in eval mode, with the run's preprocessing: raw DataFrame rows in, class probabilities out."""
+class TrainedModel:
+    """Backbone + head in eval mode, with the run's preprocessing and task: raw DataFrame rows in, the task's
+    prediction columns out."""
 
-    def __init__(self, spec: ModelSpec, backbone: torch.nn.Module, head: torch.nn.Module, tokenizer: Any) -> None:
-        self.spec, self.backbone, self.head, self.tokenizer = spec, backbone.eval(), head.eval(), tokenizer
+    def __init__(self, spec: ModelSpec, backbone: torch.nn.Module, head: torch.nn.Module, task: Task) -> None:
+        self.spec, self.backbone, self.head, self.task = spec, backbone.eval(), head.eval(), task
+        self.tokenizer = backbone.preprocessing.tokenizer
 
     @classmethod
-    def load(cls, folder: Path) -> Classifier:
+    def load(cls, folder: Path) -> TrainedModel:
         """From the artifacts `src.serving.export` writes: spec.json, weights.pt and (hf) the backbone files."""
         from src.backbones import BACKBONES
-        from src.module import ClassifierHead
+        from src.module import Head
+        from src.tasks import TASKS
 
         spec = ModelSpec.load(folder / SPEC_FILE)
         backbone = BACKBONES.build(rebuild_node(spec, folder / "backbone"), pretrained=False)
-        head = ClassifierHead(spec.feature_dim, len(spec.class_names))
+        head = Head(spec.feature_dim, len(spec.names))
+        task = TASKS.build(spec.task)
+        task.bind(spec.names, None)
         weights = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         backbone.load_state_dict(weights["backbone"])
         head.load_state_dict(weights["head"])
-        return cls(spec, backbone, head, backbone.preprocessing.tokenizer)
+        task.load_state_dict(weights["task"])
+        return cls(spec, backbone, head, task)
 
     def check_columns(self, frame: pd.DataFrame) -> None:
         missing = [c for c in self.spec.input.columns if c not in frame.columns]
@@ -168,27 +174,26 @@ class Classifier:
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw head outputs (the task reads them: logits of classes or tags, standardised targets)."""
         return self.head(self.backbone(batch)).float()
 
-    def probabilities(self, frame: pd.DataFrame, batch_size: int = BATCH_SIZE) -> np.ndarray:
-        out = [self.logits(batch).softmax(-1).numpy() for batch in self.batches(frame, batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.spec.class_names)), dtype=np.float32)
+    def outputs(self, frame: pd.DataFrame, batch_size: int = BATCH_SIZE) -> np.ndarray:
+        out = [self.logits(batch).numpy() for batch in self.batches(frame, batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.spec.names)), dtype=np.float32)
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """`label` (the class name) and one `prob_<class>` column per class, in the model's class order. Built in
-        one go: adding columns one by one fragments the frame, and pandas warns at every model log and prediction
-        once there are about a hundred classes."""
-        probs = self.probabilities(frame).astype(np.float64)
-        names = np.asarray(self.spec.class_names, dtype=object)
-        columns = {PROB_PREFIX + name: probs[:, i] for i, name in enumerate(self.spec.class_names)}
-        return pd.DataFrame({LABEL_COLUMN: names[probs.argmax(1)] if len(probs) else [], **columns})
+        """The task's columns: `label` + `prob_<class>`, `labels` (a JSON list of the chosen tags) +
+        `prob_<tag>`, or `pred_<target>` in original units. Built in one go: adding columns one by one fragments
+        the frame, and pandas warns at every model log and prediction once there are about a hundred outputs."""
+        columns = self.task.predict(self.outputs(frame).astype(np.float64))
+        return pd.DataFrame(columns)
 
 
 class TransferPyfunc(PythonModel):
-    """The MLflow pyfunc face of `Classifier`: `artifacts["model"]` is the folder `Classifier.load` reads."""
+    """The MLflow pyfunc face of `TrainedModel`: `artifacts["model"]` is the folder `TrainedModel.load` reads."""
 
     def load_context(self, context: Any) -> None:
-        self.classifier = Classifier.load(Path(context.artifacts["model"]))
+        self.classifier = TrainedModel.load(Path(context.artifacts["model"]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.classifier.predict_frame(pd.DataFrame(model_input))

@@ -18,6 +18,11 @@ def best_metric(metric: str) -> str:
     return f"best/{metric}"
 
 
+def test_metric(metric: str) -> str:
+    """The test counterpart of a validation objective (`val/spearman` -> `test/spearman`), shown beside it."""
+    return "test/" + metric.removeprefix("val/")
+
+
 def where(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The command that starts the UI on this store and the URL of the runs view (or of one run). Both URLs carry
     `workflowType=machine_learning`: without it MLflow 3 opens its GenAI layout, where a training run's metrics
@@ -32,7 +37,7 @@ def where(uri: str, experiment_id: str, run_id: str | None = None) -> str:
 def run_summary(run: Run, metric: str, uri: str) -> str:
     """A finished run in three lines."""
     m = run.data.metrics
-    results = " · ".join(f"{k} {m[k]:.4f}" for k in (best_metric(metric), "test/acc") if k in m)
+    results = " · ".join(f"{k} {m[k]:.4f}" for k in (best_metric(metric), test_metric(metric)) if k in m)
     name = run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_name)
     view = where(uri, run.info.experiment_id, run.info.run_id)
     head = f"Run {name} ({run.info.run_id}) {run.info.status}: {results}"
@@ -66,7 +71,7 @@ def summarize_children(parent: Any, metric: str, direction: str) -> int:
     client = parent.client
     children = client.search_runs([parent.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'")
     ranked = _rank(children, metric, direction)
-    columns = ["run", "status", best_metric(metric), "test/acc", "run_id"]
+    columns = ["run", "status", best_metric(metric), test_metric(metric), "run_id"]
     rows = [
         [
             r.info.run_name,
