@@ -125,7 +125,11 @@ def log_dataset(tracker: MLflowRun, datamodule: DataModule, name: str) -> None:
     path = Path(source)
     digest = path_digest(path) if path.exists() else fingerprint(asdict(cfg))  # memoised: the caches hash it too
     sizes = {split: len(data) for split, data in datamodule._splits.items()}
-    profile = {"task": datamodule.task.name, "num_outputs": datamodule.task.num_outputs, **{f"num_{k}": v for k, v in sizes.items()}}
+    profile = {
+        "task": datamodule.task.name,
+        "num_outputs": datamodule.task.num_outputs,
+        **{f"num_{k}": v for k, v in sizes.items()},
+    }
     dataset = Dataset(name, digest[:16], "local" if path.exists() else "builtin", source, profile=json.dumps(profile))
     tracker.client.log_inputs(tracker.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     cache = getattr(datamodule, "cache", None)  # the read-and-tokenise cache of tables (src.data.text_table)
