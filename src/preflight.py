@@ -43,8 +43,8 @@ def check_objective(cfg: RunConfig) -> None:
     known = sorted([*(f"val/{name}" for name in cfg.task.METRICS), *label_free])
     if cfg.objective.metric not in known:
         raise ConfigError(
-            f"objective.metric: {cfg.objective.metric!r} is never logged by task={cfg.task.name}; choose one of "
-            f"{', '.join(known)}"
+            f"objective.metric: {cfg.objective.metric!r} is never logged; choose one of {', '.join(known)} (the "
+            f"metrics of task={cfg.task.name})"
         )
 
 

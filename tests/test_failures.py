@@ -174,7 +174,7 @@ def minilm_preprocessing():
         (b"sentence\tlabel\ngood\t1\nfine\t1\nnice\t1\n", "needs at least 2"),
         (
             b"sentence\tlabel\n" + b"".join(f"s{i}\t{i * 0.37 % 5:.2f}\n".encode() for i in range(60)),
-            "label_column 'label' looks continuous: 60 distinct numbers in 60 rows .* regression",
+            "label_column 'label' looks continuous: 60 distinct numbers in 60 rows .* task=regression",
         ),
         (
             b"sentence\tlabel\na\tx\nb\ty\nc\tz\nd\tw\n",
@@ -204,7 +204,7 @@ def test_collapsed_model_is_flagged_one_class_and_flat_loss() -> None:
     with torch.no_grad():
         module.head[1].bias.copy_(torch.tensor([1e4, 0, 0, 0, 0]))  # every input lands in class 0
     module._configure_optim.keywords["cfg"].lr = 1e-12  # and nothing moves it
-    health = HealthCheck(lr=1e-12)
+    health = HealthCheck(1e-12, module.task)
     bare_trainer([*strategy.callbacks(), health], max_epochs=3, limit_val_batches=None).fit(module, datamodule=dm)
     tags = health.tags()
     assert set(tags["health"].split(",")) == {"one_class", "loss_flat"}
@@ -213,7 +213,7 @@ def test_collapsed_model_is_flagged_one_class_and_flat_loss() -> None:
 
 def test_healthy_run_is_tagged_ok() -> None:
     strategy, module, dm = build_pieces({"name": "full"})
-    health = HealthCheck(lr=1e-2)
+    health = HealthCheck(1e-2, module.task)
     bare_trainer([*strategy.callbacks(), health], max_epochs=3, limit_val_batches=None).fit(module, datamodule=dm)
     assert health.tags() == {"health": "ok"}
 

@@ -24,6 +24,7 @@ from src.regularization.ema import EMAConfig
 from src.regularization.l2sp import L2SPConfig
 from src.regularization.mixup import Mixup, MixupConfig
 from src.regularization.reference import PretrainedReference
+from src.tasks.base import Task
 from tests.conftest import classification, run_cli
 
 
@@ -61,11 +62,17 @@ def trainer(callbacks: list, tmp_path: Path | None = None, **kwargs) -> pl.Train
     )
 
 
+def bound_classification(k: int) -> Task:
+    task = classification()
+    task.bind([str(i) for i in range(k)], None)
+    return task
+
+
 def test_l2sp_is_zero_at_init_and_grows_as_weights_move() -> None:
     reg = RegularizationConfig(l2_sp=L2SPConfig(alpha=0.5))
     module, _, regs = digits_module(reg)
     (l2sp,) = regs.loss_terms
-    logits = torch.zeros(2, module.num_classes)
+    logits = torch.zeros(2, module.task.num_outputs)
     assert l2sp(module, {}, logits).item() == 0.0
     values = []
     for shift in (1e-3, 1e-2):
@@ -111,7 +118,7 @@ def test_mixup_mixes_images_and_labels_alike() -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 1, 8, 8)
     labels = torch.arange(8) % 4
-    out = Mixup(MixupConfig(prob=1.0, mixup_alpha=0.4), num_classes=4)({"pixel_values": x, "labels": labels})
+    out = Mixup(MixupConfig(prob=1.0, mixup_alpha=0.4), bound_classification(4))({"pixel_values": x, "labels": labels})
     soft = out["soft_labels"]
     assert torch.allclose(soft.sum(1), torch.ones(8))
     assert soft.max(1).values.min() < 1, "no sample was mixed"
@@ -128,7 +135,7 @@ def test_cutmix_label_weight_is_the_pasted_area() -> None:
     labels = torch.tensor([0, 1, 1, 1])
     cfg = MixupConfig(prob=1.0, mixup_alpha=0.0, cutmix_alpha=1.0)
     for _ in range(20):
-        out = Mixup(cfg, num_classes=2)({"pixel_values": x, "labels": labels})
+        out = Mixup(cfg, bound_classification(2))({"pixel_values": x, "labels": labels})
         white = out["pixel_values"][0].mean()  # the share of sample 0 pasted over from white samples
         assert out["soft_labels"][0, 1].item() == pytest.approx(white.item(), abs=1e-6)
 

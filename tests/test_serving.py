@@ -64,7 +64,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     digits.setup("test")
     test = digits.test_dataloader().dataset
     for i, (image, label) in enumerate(zip(test.images, test.labels, strict=True)):
-        folder = cwd / "test_images" / digits.class_names[int(label)]
+        folder = cwd / "test_images" / digits.names[int(label)]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i}.png").write_bytes(base64.b64decode(_png_base64(image)))
     return cwd, run.info.run_id
