@@ -139,16 +139,16 @@ def test_evaluate_on_an_image_folder_and_predict_from_the_registry(digits_run: t
     ("args", "message"),
     [
         (["run=0123456789abcdef"], "run: no run '0123456789abcdef'"),
-        (["run=RUN", "data=bad_labels.csv"], "that are not classes of the model"),
+        (["run=RUN", "data=bad_labels.csv"], "outside label_names"),
         (["run=RUN", "data=no_image.csv"], "input: no column(s) ['image']"),
-        (["run=RUN", "data.target_classes=[5,6]"], "data: its classes ['5', '6'] are not the model's"),
+        (["run=RUN", "data.target_classes=[5,6]"], "data: its outputs ['5', '6'] are not the model's"),
         (["run=EMPTY"], "no loadable model at runs:/"),
         (["run=RUN", "bogus=1"], "bogus: unknown argument"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(digits_run: tuple[Path, str], args: list[str], message: str, capsys) -> None:
     cwd, run_id = digits_run
-    (cwd / "bad_labels.csv").write_text(f"image,label\n{next((cwd / 'test_images').glob('*/*.png'))},4\n")
+    (cwd / "bad_labels.csv").write_text(f"image,label\n{next((cwd / 'test_images').glob('*/*.png'))},cat\n")
     (cwd / "no_image.csv").write_text("text,label\nhello,5\n")
     client = MlflowClient(store(cwd))
     empty = client.create_run(client.get_experiment_by_name("transfer-lab").experiment_id).info.run_id

@@ -59,13 +59,19 @@ class LabelIndex:
     unique labels of the training table. Shared with multi-label tags."""
 
     def __init__(self, train_labels: Sequence[str], names: list[str] | None, base: int | None, key: str) -> None:
-        self.base: int | None = None  # None: no label_names, labels are class names as written
+        self.base: int | None = None  # None: labels are names as written (no integer indices)
+        self.named = False  # whether the names were given (label_names, the model's names) or read from train
         if names is None:
             self.names = sorted_labels(train_labels)
         else:
             self.names = names
-            ints = [n for n in map(as_int, set(train_labels) - set(names)) if n is not None]
-            self.base = base if base is not None else (self._infer_base(ints, len(names), key) if ints else 0)
+            self.named = True
+            if base is None and set(train_labels) & set(names):  # labels are written as the names: no indices
+                resolved = None
+            else:
+                ints = [n for n in map(as_int, set(train_labels) - set(names)) if n is not None]
+                resolved = base if base is not None else (self._infer_base(ints, len(names), key) if ints else 0)
+            self.base = resolved
         self.by_name = {name: i for i, name in enumerate(self.names)}
 
     @staticmethod
@@ -93,7 +99,7 @@ class LabelIndex:
 
     def describe(self) -> str:
         if self.base is None:
-            return f"train labels: {self.names}"
+            return f"{'label_names' if self.named else 'train labels'}: {self.names}"
         k = len(self.names)
         return f"label_names: {self.names} (or their {self.base}-based indices {self.base}..{k - 1 + self.base})"
 
@@ -112,7 +118,7 @@ class ClassCodec:
         if not unknown:
             return np.arange(len(labels)), labels
         values = sorted({cells[i] for i in unknown}, key=str)
-        outside = f"that do not occur in {self.train}" if self.index.base is None else "outside label_names"
+        outside = "outside label_names" if self.index.named else f"that do not occur in {self.train}"
         drop = bad_labels(self.fmt, where, f"label(s) {values} {outside}", unknown, lines, self.index.describe())
         rows = np.setdiff1d(np.arange(len(labels)), drop)
         return rows, labels[rows]

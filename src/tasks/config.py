@@ -101,8 +101,6 @@ def refusals(task: TaskConfig, data: Any, finetune: Any, adapt: Any, regularizat
         return []
     shape = "a set of tags" if task.name == "multilabel" else "numbers"
     out = []
-    if data.name == "digits":
-        out.append(("data", "digits is single-label classification; use task=classification"))
     if data.name == "image_folder" and getattr(data, "manifest", None) is None and data.train_dir is not None:
         out.append(
             (
@@ -123,4 +121,6 @@ def refusals(task: TaskConfig, data: Any, finetune: Any, adapt: Any, regularizat
         out.append(("finetune", f"distillation matches a teacher's class probabilities; task={task.name} has none"))
     if task.name == "regression" and regularization.label_smoothing > 0:
         out.append(("regularization.label_smoothing", "smooths class targets; a regression target has no classes"))
+    if data.name == "digits":
+        out.append(("data", "digits is single-label classification; use task=classification"))
     return out

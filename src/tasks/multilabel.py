@@ -111,10 +111,9 @@ class TagCodec:
         if not bad:
             return np.arange(len(cells)), targets
         first = next(iter(bad.values()))
-        known = "" if self.index is None else f"; {self.index.describe(self.where)}"
-        drop = bad_labels(
-            self.fmt, where, f"{len(bad)} row(s) with invalid labels, e.g. {first}{known}", list(bad), lines
-        )
+        known = "" if self.index is None else self.index.describe()
+        what = f"{len(bad)} row(s) with invalid labels, e.g. {first}"
+        drop = bad_labels(self.fmt, where, what, list(bad), lines, known)
         rows = np.setdiff1d(np.arange(len(cells)), drop)
         return rows, targets[rows]
 
