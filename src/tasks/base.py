@@ -6,6 +6,8 @@ scale, tuned thresholds) travels in every checkpoint and logged model.
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -42,20 +44,18 @@ class Codec(Protocol):
         ...
 
 
-def bad_labels(
-    fmt: LabelFormat, where: str, what: str, rows: list[int], lines: Sequence[int], known: str = ""
+def keep_valid(
+    fmt: LabelFormat, where: str, what: str, bad: list[int], lines: Sequence[int], n: int, known: str = ""
 ) -> np.ndarray:
-    """Raise for rows with invalid labels, or (bad_rows: skip) warn and return the rows to leave out; the message
-    names the file, the rows' lines and (`known`) what labels are valid."""
-    import warnings
-
+    """The rows of `n` to keep when rows `bad` have invalid labels: raise, or (bad_rows: skip) warn and leave them
+    out; the message names the file, the rows' lines and (`known`) what labels are valid."""
     from src.data.tables import listed
 
-    message = f"{where} has {what} (line(s) {listed([lines[i] for i in rows])})" + (f"; {known}" if known else "")
+    message = f"{where} has {what} (line(s) {listed([lines[i] for i in bad])})" + (f"; {known}" if known else "")
     if fmt.bad_rows == "error":
         raise ConfigError(message)
     warnings.warn(f"{message}; skipped (bad_rows: skip)", UserWarning, stacklevel=3)
-    return np.asarray(rows, dtype=np.int64)
+    return np.setdiff1d(np.arange(n), bad)
 
 
 def as_float(text: Any) -> float | None:
@@ -152,7 +152,5 @@ class Task(nn.Module):
 
 def labels_digest(labels: np.ndarray) -> str:
     """A content digest of a split's targets (any task's shape), for cache keys."""
-    import hashlib
-
     array = np.ascontiguousarray(labels)
     return hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()

@@ -14,7 +14,7 @@ from torchmetrics.functional import confusion_matrix
 
 from src.schema import ConfigError
 from src.tasks import TASKS
-from src.tasks.base import Cell, LabelFormat, Task, as_float, as_int, bad_labels, sorted_labels
+from src.tasks.base import Cell, LabelFormat, Task, as_float, as_int, keep_valid, sorted_labels
 from src.tasks.config import ClassificationConfig
 
 ONE_CLASS_SHARE = 0.999  # share of validation predictions in one class that counts as a collapse
@@ -66,12 +66,8 @@ class LabelIndex:
         else:
             self.names = names
             self.named = True
-            if base is None and set(train_labels) & set(names):  # labels are written as the names: no indices
-                resolved = None
-            else:
-                ints = [n for n in map(as_int, set(train_labels) - set(names)) if n is not None]
-                resolved = base if base is not None else (self._infer_base(ints, len(names), key) if ints else 0)
-            self.base = resolved
+            ints = [n for n in map(as_int, set(train_labels) - set(names)) if n is not None]
+            self.base = base if base is not None else (self._infer_base(ints, len(names), key) if ints else 0)
         self.by_name = {name: i for i, name in enumerate(self.names)}
 
     @staticmethod
@@ -119,8 +115,8 @@ class ClassCodec:
             return np.arange(len(labels)), labels
         values = sorted({cells[i] for i in unknown}, key=str)
         outside = "outside label_names" if self.index.named else f"that do not occur in {self.train}"
-        drop = bad_labels(self.fmt, where, f"label(s) {values} {outside}", unknown, lines, self.index.describe())
-        rows = np.setdiff1d(np.arange(len(labels)), drop)
+        what = f"label(s) {values} {outside}"
+        rows = keep_valid(self.fmt, where, what, unknown, lines, len(labels), self.index.describe())
         return rows, labels[rows]
 
 

@@ -21,7 +21,7 @@ from torchmetrics.functional.classification import (
 
 from src.schema import ConfigError
 from src.tasks import TASKS
-from src.tasks.base import Cell, LabelFormat, Task, as_float, bad_labels
+from src.tasks.base import Cell, LabelFormat, Task, as_float, keep_valid
 from src.tasks.classification import LabelIndex
 from src.tasks.config import MultilabelConfig
 
@@ -113,8 +113,7 @@ class TagCodec:
         first = next(iter(bad.values()))
         known = "" if self.index is None else self.index.describe()
         what = f"{len(bad)} row(s) with invalid labels, e.g. {first}"
-        drop = bad_labels(self.fmt, where, what, list(bad), lines, known)
-        rows = np.setdiff1d(np.arange(len(cells)), drop)
+        rows = keep_valid(self.fmt, where, what, list(bad), lines, len(cells), known)
         return rows, targets[rows]
 
 

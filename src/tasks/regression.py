@@ -14,7 +14,7 @@ from torchmetrics.functional import pearson_corrcoef, r2_score, spearman_corrcoe
 
 from src.schema import ConfigError
 from src.tasks import TASKS
-from src.tasks.base import Cell, LabelFormat, Task, as_float, bad_labels
+from src.tasks.base import Cell, LabelFormat, Task, as_float, keep_valid
 from src.tasks.config import RegressionConfig
 
 CONSTANT_STD_RATIO = 0.05  # prediction std below this share of the target std counts as a constant prediction
@@ -37,8 +37,7 @@ class NumberCodec:
         i = bad[0]
         j = next(j for j, v in enumerate(values[i]) if v is None or not np.isfinite(v))
         what = f"{len(bad)} non-numeric target(s), e.g. {rows[i][j]!r} in column {self.names[j]!r}"
-        drop = bad_labels(self.fmt, where, what, bad, lines)
-        keep = np.setdiff1d(np.arange(len(rows)), drop)
+        keep = keep_valid(self.fmt, where, what, bad, lines, len(rows))
         return keep, targets[keep]
 
 
