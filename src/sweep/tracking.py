@@ -53,13 +53,14 @@ class StudyRun(MLflowRun):
 
     def sync_children(self, study: optuna.Study) -> None:
         """Children still RUNNING whose trial has ended (a killed worker) get the trial's state and end; children
-        stopped by a signal (KILLED, e.g. a cancelled SLURM job) get the trial's final state as a tag."""
+        stopped by a signal (KILLED, e.g. a cancelled SLURM job) or already ended FAILED as orphans by the next
+        run's liveness check get the trial's final state as a tag."""
         states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
         children = self.client.search_runs(
             [self.experiment_id],
             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status != 'FINISHED'",
         )
-        for child in (c for c in children if c.info.status in ("RUNNING", "KILLED")):
+        for child in children:
             state = states.get(int(child.data.tags.get(TRIAL_TAG, -1)))
             if state is None or not state.is_finished() or child.data.tags.get(STATE_TAG) == state.name:
                 continue
