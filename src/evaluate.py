@@ -49,7 +49,8 @@ KEYS = {
     "tracking.experiment": "experiment of the new run (default: the source run's)",
 }
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-TEST_KEYS = {"text_table": "test_path", "image_folder": "test_dir"}  # data modules that read a test file/folder
+# data modules that read a test file/folder
+TEST_KEYS = {"text_table": "test_path", "image_folder": "test_dir", "image_manifest": "test_path"}
 
 
 def _stored_config(client: MlflowClient, run_id: str | None) -> DictConfig:
@@ -131,20 +132,20 @@ def _from_table(
     """A raw table read as the model's task reads labels (classes, tag lists or indicator columns, numbers)."""
     import torch
 
-    from src.data.text_table import label_text
+    from src.data.common import label_columns
+    from src.data.tables import RawTable
     from src.tasks.base import LabelFormat
 
     spec = classifier.spec
     column = label_column or spec.label_column
-    columns = [str(c) for c in column] if isinstance(column, list | tuple) else [str(column)]
+    columns = label_columns(column)
     frame = read_inputs(source, classifier, columns[0])
     if missing := [c for c in columns if c not in frame.columns]:
         raise ConfigError(
             f"data: {source} has no label column {missing[0]!r} (columns: {list(frame.columns)}); "
             "set label_column=<name>"
         )
-    texts = [[label_text(v) for v in frame[c]] for c in columns]
-    cells = texts[0] if len(columns) == 1 else list(zip(*texts, strict=True))
+    cells = RawTable(source, {c: list(frame[c]) for c in columns}, []).label_cells(columns)
     fmt = LabelFormat(columns, spec.names, None, spec.label_separator, "error")
     rows, targets = classifier.task.codec(cells, fmt, source).encode(cells, list(range(2, len(cells) + 2)), source)
     frame, targets = frame.iloc[rows], torch.as_tensor(targets)

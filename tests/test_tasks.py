@@ -181,3 +181,90 @@ def test_stsb_regression_run_logs_task_metrics_and_serves_original_units(tmp_pat
     predicted = model.predict(pairs)
     assert list(predicted.columns) == ["pred_score"]
     assert predicted.pred_score[0] > predicted.pred_score[1] and 0 < predicted.pred_score.mean() < 6
+
+
+# --- images listed in a manifest (data=image_manifest) ------------------------------------------------------------
+
+ROUND = {0, 6, 8, 9}  # digits drawn with a closed loop
+
+
+def digit_manifest(folder: Path, n: int, start: int = 0) -> Path:
+    """Real 8x8 digits saved as PNGs beside a manifest: multi-label tags (even / big / round), the digit as a
+    number, and the image path relative to the manifest."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(start, start + n):
+        name = f"img/{i}.png"
+        Image.fromarray(np.uint8(digits.images[i] * 255 / 16)).save(folder / name)
+        d = int(digits.target[i])
+        tags = [t for t, on in (("even", d % 2 == 0), ("big", d >= 5), ("round", d in ROUND)) if on]
+        rows.append([name, ",".join(tags), d])
+    return write(folder / "manifest.csv", ["path", "tags", "digit"], rows)
+
+
+def test_image_manifest_reads_tags_and_numbers_and_names_bad_rows(tmp_path: Path) -> None:
+    pre = Preprocessing(modality="image", channels=1, image_size=8, mean=[0.5], std=[0.5])
+    path = digit_manifest(tmp_path, 40)
+    node = {"name": "image_manifest", "train_path": str(path), "image_column": "path", "val_fraction": 0.25}
+    tags = setup({**node, "label_column": "tags", "label_separator": ","}, pre, "multilabel")
+    assert tags.names == ["big", "even", "round"]
+    assert len(tags.splits["train"]) + len(tags.splits["val"]) == 40 and 8 <= len(tags.splits["val"]) <= 12
+    batch = next(iter(tags.train_dataloader()))
+    assert batch["pixel_values"].shape[1:] == (1, 8, 8) and batch["labels"].shape[1] == 3
+    numbers = setup({**node, "label_column": "digit"}, pre, "regression")
+    targets = np.concatenate([numbers.splits["train"].labels, numbers.splits["val"].labels]).ravel()
+    rows = list(csv.reader(path.open()))
+    assert sorted(targets.tolist()) == sorted(float(row[2]) for row in rows[1:]), "targets in original units"
+
+    rows[3][0], rows[5][0] = "img/nowhere.png", "manifest.csv"  # a missing file, a file that is not an image
+    broken = write(tmp_path / "broken.csv", rows[0], rows[1:])
+    with pytest.raises(ConfigError, match=r"broken\.csv: 2 row\(s\) with a missing image file on line\(s\) 4; a file"):
+        setup({**node, "train_path": str(broken), "label_column": "digit"}, pre, "regression")
+    skipped = setup({**node, "train_path": str(broken), "label_column": "digit", "bad_rows": "skip"}, pre, "regression")
+    assert len(skipped.splits["train"]) + len(skipped.splits["val"]) == 38
+
+
+def test_image_manifest_multilabel_run_tunes_thresholds_and_serves_image_paths(tmp_path: Path) -> None:
+    """A real multi-label image run (small CNN pretrained on digits, tags of other digits): per-tag thresholds
+    tuned on validation are stored with the model, and the logged model takes image paths."""
+    train = digit_manifest(tmp_path / "train", 240)
+    val = digit_manifest(tmp_path / "val", 120, start=240)
+    status = run_in_process(
+        tmp_path,
+        "task=multilabel",
+        "task.threshold=tune",
+        "task.pos_weight=true",
+        "data=image_manifest",
+        f"data.train_path={train}",
+        f"data.val_path={val}",
+        "data.image_column=path",
+        "data.label_column=tags",
+        "data.label_separator=','",
+        "backbone=small_cnn",
+        "finetune=full",
+        "trainer.max_epochs=4",
+        "trainer.enable_progress_bar=false",
+    )
+    assert status == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["test/macro_f1"] > 0.6
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_label_f1.json", str(tmp_path))).read_text())
+    assert sorted(table) == ["big", "even", "round"]
+    thresholds = {name: row["threshold"] for name, row in table.items()}
+    assert any(t != 0.5 for t in thresholds.values()), "thresholds were tuned on validation"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    predicted = model.predict(
+        pd.DataFrame({"image": [str(tmp_path / "val" / "img" / f"{i}.png") for i in range(240, 250)]})
+    )
+    assert list(predicted.columns) == ["labels", "prob_big", "prob_even", "prob_round"]
+    chosen = [set(json.loads(cell)) for cell in predicted.labels]
+    probs = predicted[[f"prob_{n}" for n in ("big", "even", "round")]].to_numpy()
+    assert chosen == [
+        {n for n, p in zip(("big", "even", "round"), row, strict=True) if p >= thresholds[n]} for row in probs
+    ]

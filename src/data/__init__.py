@@ -6,6 +6,6 @@ from src.registry import Registry
 
 DATA: Registry[pl.LightningDataModule] = Registry("data")
 
-from src.data import digits, image_folder, text_table  # noqa: E402,F401
+from src.data import digits, image_folder, image_manifest, text_table  # noqa: E402,F401
 
 __all__ = ["DATA"]

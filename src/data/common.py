@@ -88,6 +88,29 @@ def read_label_names(key: str, value: str | list[Any]) -> list[str]:
     return names
 
 
+def label_columns(value: Any) -> list[str]:
+    """``label_column`` as a list of column names (several: 0/1 tag columns or regression targets)."""
+    return [str(c) for c in value] if isinstance(value, list | tuple) else [str(value)]
+
+
+def check_label_keys(cfg: Any) -> None:
+    """The label keys every table-reading data module shares (label_column, label_separator, label_names,
+    label_base, bad_rows), checked the same way at config validation."""
+    from src.data.tables import BAD_ROWS
+
+    columns = label_columns(cfg.label_column)
+    if not columns or len(set(columns)) < len(columns):
+        raise ValueError(f"label_column: a column name or a list of distinct ones, got {cfg.label_column!r}")
+    if cfg.label_separator is not None and not cfg.label_separator:
+        raise ValueError("label_separator: must be a non-empty string or null")
+    if cfg.label_names is not None:
+        read_label_names("label_names", cfg.label_names)
+    if cfg.label_base not in (None, 0, 1):
+        raise ValueError(f"label_base: must be 0, 1 or null (inferred), got {cfg.label_base}")
+    if cfg.bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows: must be one of {', '.join(BAD_ROWS)}, got {cfg.bad_rows!r}")
+
+
 def seeded_subset(n: int, k: int | None, seed: int) -> np.ndarray:
     """Sorted indices of ``k`` of ``n`` items drawn with ``seed`` (all of them when ``k`` is None or >= n)."""
     if k is None or k >= n:

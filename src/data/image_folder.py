@@ -53,31 +53,47 @@ DEFAULT_IMAGE_SIZE = 224
 
 
 @dataclass
-class ImageFolderConfig(DataConfig):
-    name: str = "image_folder"
-    train_dir: str = MISSING  # required
-    val_dir: str | None = None  # None: a seeded stratified val_fraction of train_dir
-    test_dir: str | None = None  # None: test on the validation split
-    target_dir: str | None = None  # domain adaptation: unlabelled target-domain images (any layout under it)
-    target_test_dir: str | None = None  # labelled target-domain class folders, for evaluation only
+class ImageConfig(DataConfig):
+    """How every image data module decodes, caches and augments (class folders or a manifest)."""
+
     val_fraction: float = 0.2
     image_size: int | None = None  # None: the backbone's preprocessing.image_size, else 224
     hflip: bool = True  # random horizontal flip, training split only
     cache_images: bool = True  # decoded, resized images in memory + disk cache (uint8: 3 * image_size**2 bytes each)
     cache_dir: str | None = None  # disk cache root; None: $TRANSFER_LAB_CACHE, else ~/.cache/transfer-lab
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction("val_fraction", self.val_fraction)
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size: must be >= 1 or null, got {self.image_size}")
+        if not self.extensions:
+            raise ValueError(f"extensions: must list at least one file extension, got {self.extensions}")
+
+    def suffixes(self) -> set[str]:
+        return {"." + ext.lower().lstrip(".") for ext in self.extensions}
+
+
+@dataclass
+class ImageFolderConfig(ImageConfig):
+    name: str = "image_folder"
+    train_dir: str = MISSING  # required
+    val_dir: str | None = None  # None: a seeded stratified val_fraction of train_dir
+    test_dir: str | None = None  # None: test on the validation split
+    target_dir: str | None = None  # domain adaptation: unlabelled target-domain images (any layout under it)
+    target_test_dir: str | None = None  # labelled target-domain class folders, for evaluation only
     label_names: Any = None  # class names for the sorted sub-folders, in that order: a list or a file; None: folders
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.train_dir == MISSING:
             raise ValueError(f"train_dir: required, got {self.train_dir!r}")
-        check_fraction("val_fraction", self.val_fraction)
         for key in ("train_dir", "val_dir", "test_dir", "target_dir", "target_test_dir"):
             check_path(key, getattr(self, key), directory=True)
         if self.target_test_dir is not None and self.target_dir is None:
             raise ValueError("target_test_dir: needs target_dir (the unlabelled target training images) too")
-        suffixes = {"." + ext.lower().lstrip(".") for ext in self.extensions}
+        suffixes = self.suffixes()
         for key in ("target_dir", "target_test_dir"):  # the target must be the same kind of input as the source
             root = getattr(self, key)
             if root is not None and not any(p.suffix.lower() in suffixes for p in Path(root).rglob("*")):
@@ -85,16 +101,21 @@ class ImageFolderConfig(DataConfig):
                     f"{key}: no files with extensions {sorted(suffixes)} under {root} (the target domain must be "
                     "images, like the source)"
                 )
-        if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size: must be >= 1 or null, got {self.image_size}")
-        if not self.extensions:
-            raise ValueError(f"extensions: must list at least one file extension, got {self.extensions}")
         if self.label_names is not None:
             read_label_names("label_names", self.label_names)
 
     @property
     def has_target(self) -> bool:
         return self.target_dir is not None
+
+
+def shorter_side(path: Path) -> int | None:
+    """The image's shorter side in pixels, read from its header; None when Pillow cannot open the file."""
+    try:
+        with Image.open(path) as image:
+            return min(image.size)
+    except (UnidentifiedImageError, OSError):
+        return None
 
 
 def scan_folder(
@@ -115,15 +136,12 @@ def scan_folder(
         for path in sorted((root / name).rglob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue
-            try:
-                if path.suffix.lower() not in suffixes:
-                    raise UnidentifiedImageError
-                with Image.open(path) as image:
-                    if min(image.size) < min_side:
-                        small.append(path)
-            except (UnidentifiedImageError, OSError):
+            side = shorter_side(path) if path.suffix.lower() in suffixes else None
+            if side is None:
                 skipped.append(path)
                 continue
+            if side < min_side:
+                small.append(path)
             files.append(path)
             file_classes.append(name)
     if not files:
@@ -287,7 +305,7 @@ class ImageFolderDataModule(DataModule):
         """The unlabelled target images: every image under ``target_dir``; labelled (for an oracle run only) when
         they all sit in class folders named like the train classes."""
         root = Path(self.cfg.target_dir)
-        suffixes = {"." + ext.lower().lstrip(".") for ext in self.cfg.extensions}
+        suffixes = self.cfg.suffixes()
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
         folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
         labelled = all(f in class_names for f in folders)

@@ -55,6 +55,25 @@ class RawTable:
             values = self.columns[name] = values.to_pylist()
         return values
 
+    def label_cells(self, columns: list[str], hint: str = "") -> list[Any]:
+        """Each row's label as text (None: empty), a tuple of texts for several label columns (None when one is
+        empty): what a task's codec turns into targets."""
+        cells = [[label_text(v) for v in self.column(name, hint)] for name in columns]
+        return cells[0] if len(cells) == 1 else [None if None in row else row for row in zip(*cells, strict=True)]
+
+
+def label_text(value: Any) -> str | None:
+    """A label cell as text: None/empty -> None; integral floats (Parquet/JSON ``1.0``) -> ``"1"``; a list (JSON,
+    Parquet or hub tags) -> its JSON text."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        return json.dumps([label_text(v) for v in value]) if len(value) else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
 
 def listed(lines: list[int]) -> str:
     """``"3, 7, 9"`` or ``"3, 7, ... (25 in all)"``: line numbers for a message."""

@@ -36,12 +36,13 @@ from src.data.common import (
     DataConfig,
     DataModule,
     check_fraction,
+    check_label_keys,
     check_path,
     fraction_split,
+    label_columns,
     read_label_names,
 )
 from src.data.tables import (
-    BAD_ROWS,
     FORMATS,
     RawTable,
     hub_split,
@@ -138,16 +139,7 @@ class TextTableConfig(DataConfig):
         columns = self.text_columns()
         if not columns:
             raise ValueError(f"text_column: a column name or a non-empty list of them, got {self.text_column!r}")
-        if not self.label_columns() or len(set(self.label_columns())) < len(self.label_columns()):
-            raise ValueError(f"label_column: a column name or a list of distinct ones, got {self.label_column!r}")
-        if self.label_separator is not None and not self.label_separator:
-            raise ValueError("label_separator: must be a non-empty string or null")
-        if self.label_names is not None:
-            read_label_names("label_names", self.label_names)
-        if self.label_base not in (None, 0, 1):
-            raise ValueError(f"label_base: must be 0, 1 or null (inferred), got {self.label_base}")
-        if self.bad_rows not in BAD_ROWS:
-            raise ValueError(f"bad_rows: must be one of {', '.join(BAD_ROWS)}, got {self.bad_rows!r}")
+        check_label_keys(self)
         check_fraction("val_fraction", self.val_fraction)
         if self.max_length < 1:
             raise ValueError(f"max_length: must be >= 1, got {self.max_length}")
@@ -176,8 +168,7 @@ class TextTableConfig(DataConfig):
         return [str(c) for c in value] if isinstance(value, list | tuple) else [str(value)]
 
     def label_columns(self) -> list[str]:
-        value = self.label_column
-        return [str(c) for c in value] if isinstance(value, list | tuple) else [str(value)]
+        return label_columns(self.label_column)
 
     def has_header(self) -> bool:
         return self.header if self.header is not None else self.column_names is None
@@ -198,19 +189,6 @@ def peek_columns(path: Path, fmt: str, encoding: str) -> list[str]:
         return next(csv.reader([first], delimiter="\t" if fmt == "tsv" else ","), [])
     except (json.JSONDecodeError, OSError, ValueError):  # ConfigError (undecodable bytes) is a ValueError
         return []
-
-
-def label_text(value: Any) -> str | None:
-    """A label cell as text: None/empty -> None; integral floats (Parquet/JSON ``1.0``) -> ``"1"``; a list (JSON,
-    Parquet or hub tags) -> its JSON text."""
-    if value is None:
-        return None
-    if isinstance(value, list | tuple):
-        return json.dumps([label_text(v) for v in value]) if len(value) else None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return text or None
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
@@ -307,10 +285,7 @@ def encode_table(
     pairs = texts_of([cfg.text_pair_column]) if cfg.text_pair_column is not None else None
     labels: list[Any] = [""] * len(texts)
     if labelled:
-        columns = [[label_text(v) for v in raw.column(name, hint)] for name in cfg.label_columns()]
-        labels = (
-            columns[0] if len(columns) == 1 else [None if None in row else row for row in zip(*columns, strict=True)]
-        )
+        labels = raw.label_cells(cfg.label_columns(), hint)
     if (
         headerless
         and len(labels) > 1

@@ -101,12 +101,12 @@ def refusals(task: TaskConfig, data: Any, finetune: Any, adapt: Any, regularizat
         return []
     shape = "a set of tags" if task.name == "multilabel" else "numbers"
     out = []
-    if data.name == "image_folder" and getattr(data, "manifest", None) is None and data.train_dir is not None:
+    if data.name == "image_folder":
         out.append(
             (
-                "data.train_dir",
-                f"class folders hold one class per image, not {shape}; describe the images with data.manifest "
-                "(a CSV with an image path column and the label column(s))",
+                "data",
+                f"class folders hold one class per image, not {shape}; list the images in a manifest instead: "
+                "data=image_manifest data.train_path=<table with an image path column and the label column(s)>",
             )
         )
     if data.has_target or adapt.name != "none":
