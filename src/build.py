@@ -131,7 +131,7 @@ def log_dataset(tracker: MLflowRun, datamodule: DataModule, name: str) -> None:
         **{f"num_{k}": v for k, v in sizes.items()},
     }
     dataset = Dataset(name, digest[:16], "local" if path.exists() else "builtin", source, profile=json.dumps(profile))
-    tracker.client.log_inputs(tracker.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+    tracker.log_inputs([DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     cache = getattr(datamodule, "cache", None)  # the read-and-tokenise cache of tables (src.data.text_table)
     if cache is not None:
         tracker.log_metrics(cache.stats.as_metrics(cache.namespace))
@@ -241,6 +241,8 @@ def log_results(
     """After test (best weights loaded): the task's report (confusion matrix, per-tag F1, predicted vs true), the
     label mapping, the weights-only checkpoint, the run's note with its result, and (unless `log_model` is false: a
     sweep trial that is not the best so far) the loadable, servable model (src.serving)."""
+    if not tracker.leader:  # DDP: rank 0 logs the run's results and model
+        return
     test = {k: float(v) for k, v in module.trainer.callback_metrics.items() if k.startswith("test/")}
     metric = test_metric(cfg.objective.metric)
     if metric in test:

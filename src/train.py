@@ -98,7 +98,8 @@ def run(
         value = build.objective_value(cfg, trainer, checkpoint, tracker)
         build.log_results(tracker, cfg, raw, module, datamodule, context, log_model=trial.keeps_model(value))
         value = trial.complete(value)
-    print(run_summary(tracker.client.get_run(tracker.run_id), cfg.objective.metric, tracker.uri), flush=True)
+    if tracker.leader:  # DDP: one summary, from rank 0
+        print(run_summary(tracker.client.get_run(tracker.run_id), cfg.objective.metric, tracker.uri), flush=True)
     return value
 
 

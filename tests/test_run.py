@@ -153,3 +153,20 @@ def test_urls_open_the_runs_view_and_a_long_table_fits_the_note() -> None:
     table = "\n".join(["| run |", "|---|", *(f"| row {i:05d} |" for i in range(2000))])
     note = _note(table, 2000, "val/acc")
     assert len(note) <= NOTE_LIMIT and "| row 00000 |" in note and "summary.md" in note.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_ddp_launch_records_one_run_logged_once(tmp_path: Path) -> None:
+    """`trainer=ddp` through the CLI (2 gloo ranks on CPU): Lightning relaunches the script for rank 1, which must
+    attach to rank 0's MLflow run instead of opening its own, and write nothing to it."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    proc = run_cli([*ddp, *FAST, "finetune=gradual_unfreeze"], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.tags["health"] == "ok"
+    client = client_for(tmp_path)
+    history = client.get_metric_history(run.info.run_id, "trainable_params")
+    trainable = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(trainable) == 2 and trainable[0] < trainable[1], "the unfreezing schedule ran under DDP"
+    assert len(client.get_metric_history(run.info.run_id, "test/acc")) == 1, "test metrics logged once"
+    assert proc.stdout.count("FINISHED:") == 1, "one summary, from rank 0"

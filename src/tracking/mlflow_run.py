@@ -7,17 +7,18 @@ trial runs under a parent.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
 import subprocess
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from filelock import FileLock
@@ -97,8 +98,39 @@ def store_lock(uri: str) -> AbstractContextManager:
     return FileLock(uri[len("sqlite:///") :] + ".lock")
 
 
+RUN_ENV = "TRANSFER_LAB_RUN_ID"  # the run rank 0 opened; the ranks DDP relaunches (they inherit it) attach to it
+
+
+def launch_rank() -> int:
+    """This process's rank in a multi-process launch, 0 outside one: torchrun's RANK, srun's SLURM_PROCID (several
+    tasks), or Lightning's DDP relaunch of the script (LOCAL_RANK / NODE_RANK, unset in the launching process)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    return int(env.get("LOCAL_RANK", "0")) + int(env.get("NODE_RANK", "0"))
+
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def leader_only(method: F) -> F:
+    """A write to the run that only rank 0 makes, so a DDP launch records one run, logged once."""
+
+    @functools.wraps(method)
+    def write(self: MLflowRun, *args: Any, **kwargs: Any) -> None:
+        if self.leader:
+            method(self, *args, **kwargs)
+
+    return write  # type: ignore[return-value]
+
+
 class MLflowRun:
-    """Context manager around one MLflow run; ends it FAILED (with the traceback) on any exception."""
+    """Context manager around one MLflow run; ends it FAILED (with the traceback) on any exception.
+
+    Under DDP every rank runs the job; only rank 0 (the leader) creates, writes and ends the run. The other ranks
+    attach to its id (Lightning's relaunch inherits it through RUN_ENV) and write nothing."""
 
     def __init__(
         self,
@@ -119,6 +151,7 @@ class MLflowRun:
             self.client = MlflowClient(self.uri)
         self.run_id = resume_run_id or ""  # resuming: the same run continues
         self.heartbeat: Heartbeat | None = None
+        self.leader = launch_rank() == 0
 
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -131,6 +164,9 @@ class MLflowRun:
 
     def __enter__(self) -> MLflowRun:
         self.experiment_id = self._experiment_id()
+        if not self.leader:
+            self.run_id = os.environ.get(RUN_ENV, "")
+            return self
         reap_dead_runs(self.client, self.experiment_id)
         tags = {**self.tags, **process_tags()}
         if self.cfg.parent_run_id:
@@ -140,9 +176,11 @@ class MLflowRun:
             self.set_tags({**tags, "resumed": "true"})
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+        os.environ[RUN_ENV] = self.run_id
         self.heartbeat = Heartbeat(self.client, self.run_id).start()
         return self
 
+    @leader_only
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
@@ -158,30 +196,40 @@ class MLflowRun:
         status = RunStatus.KILLED if stopped else RunStatus.FAILED
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
 
+    @leader_only
     def log_params(self, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @leader_only
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    @leader_only
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @leader_only
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), name)
 
+    @leader_only
     def log_figure(self, figure: Any, name: str) -> None:
         """Logs, then closes the figure: pyplot keeps every figure alive, so runs in one process would pile them up."""
         self.client.log_figure(self.run_id, figure, name)
         plt.close(figure)
 
+    @leader_only
+    def log_inputs(self, inputs: list[Any]) -> None:
+        self.client.log_inputs(self.run_id, inputs)
+
+    @leader_only
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
