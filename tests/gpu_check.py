@@ -46,6 +46,9 @@ from typing import Any
 
 import torch
 
+# As `src.run` does at start-up: no "Downloading artifacts" bar each time a model is logged or loaded.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+DDP_RUNS = "trainer=ddp records one MLflow run per rank"
 NO_CUDA = "no CUDA device: nothing to check; run this on a GPU machine (or --cpu-dry-run to check the logic on CPU)"
 
 
@@ -420,12 +423,20 @@ def ddp(ctx: Context) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}")
-    run = ctx.run_named(name)
-    history = MlflowClient(ctx.uri).get_metric_history(run.info.run_id, "trainable_params")
+    client = MlflowClient(ctx.uri)
+    experiment = client.get_experiment_by_name("transfer-lab")
+    found = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'")
+    if not found:
+        raise RuntimeError("the DDP launch recorded no MLflow run")
+    histories = [client.get_metric_history(run.info.run_id, "trainable_params") for run in found]
+    history = max(histories, key=len)  # with one run per rank, the rank-0 run holds the epoch metrics
     trainable = [int(m.value) for m in sorted(history, key=lambda m: m.step)]
     if len(trainable) != s.ddp_epochs or trainable != sorted(set(trainable)):
         raise RuntimeError(f"trainable_params per epoch {trainable}: expected {s.ddp_epochs} growing values")
-    return {"ranks": ranks, "epochs": s.ddp_epochs, "trainable_params": trainable, "wall_s": round(wall, 1)}
+    out = {"ranks": ranks, "epochs": s.ddp_epochs, "trainable_params": trainable, "wall_s": round(wall, 1)}
+    if len(found) != 1:  # seen on CPU: every rank opens its own MLflow run (src.train.run under DDP's relaunch)
+        out |= {"ok": False, "error": f"{DDP_RUNS}: {len(found)} MLflow runs for one launch of {ranks} ranks"}
+    return out
 
 
 def serving(ctx: Context) -> dict[str, Any]:
@@ -446,7 +457,9 @@ def serving(ctx: Context) -> dict[str, Any]:
         raise RuntimeError(f"no logged model for {missing}: the section that trains it failed")
     for role, frame in inputs.items():
         start = time.perf_counter()
-        model = mlflow.pyfunc.load_model(f"runs:/{ctx.runs[role]}/model")
+        dst = ctx.root / "served" / role  # not MLflow's own temp folder, which it leaves behind
+        dst.mkdir(parents=True)
+        model = mlflow.pyfunc.load_model(f"runs:/{ctx.runs[role]}/model", dst_path=str(dst))
         classifier = model.unwrap_python_model().classifier
         devices = {p.device.type for p in classifier.backbone.parameters()}
         predicted = model.predict(frame)
