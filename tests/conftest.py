@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
-# One pretrained-backbone cache for the whole session, so the digits small CNN is pretrained once.
-os.environ.setdefault("TRANSFER_LAB_CACHE", tempfile.mkdtemp(prefix="transfer-lab-cache-"))
+# One pretrained-backbone cache for the whole session, so the digits small CNN is pretrained once (made only when
+# unset: an importer that brings its own cache, like tests.gpu_check, leaves no empty folder behind).
+if "TRANSFER_LAB_CACHE" not in os.environ:
+    os.environ["TRANSFER_LAB_CACHE"] = tempfile.mkdtemp(prefix="transfer-lab-cache-")
 
 
 def shared(*parts: str) -> Path:
