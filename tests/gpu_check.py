@@ -428,13 +428,12 @@ def ddp(ctx: Context) -> dict[str, Any]:
     found = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'")
     if not found:
         raise RuntimeError("the DDP launch recorded no MLflow run")
-    histories = [client.get_metric_history(run.info.run_id, "trainable_params") for run in found]
-    history = max(histories, key=len)  # with one run per rank, the rank-0 run holds the epoch metrics
+    history = client.get_metric_history(found[0].info.run_id, "trainable_params")
     trainable = [int(m.value) for m in sorted(history, key=lambda m: m.step)]
     if len(trainable) != s.ddp_epochs or trainable != sorted(set(trainable)):
         raise RuntimeError(f"trainable_params per epoch {trainable}: expected {s.ddp_epochs} growing values")
     out = {"ranks": ranks, "epochs": s.ddp_epochs, "trainable_params": trainable, "wall_s": round(wall, 1)}
-    if len(found) != 1:  # seen on CPU: every rank opens its own MLflow run (src.train.run under DDP's relaunch)
+    if len(found) != 1:  # every rank must attach to rank 0's run (src.tracking.mlflow_run), not open its own
         out |= {"ok": False, "error": f"{DDP_RUNS}: {len(found)} MLflow runs for one launch of {ranks} ranks"}
     return out
 
