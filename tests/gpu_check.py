@@ -225,13 +225,13 @@ def plain_loop(
     under `trainer.limit_val_batches=1`, one validation batch. `steps` stops early (warm-up)."""
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
-    from torch import nn
 
     from src.backbones import BACKBONES
     from src.config import validate
     from src.data import DATA
-    from src.module import ClassifierHead
+    from src.module import Head
     from src.optim import build_optimizer
+    from src.tasks import TASKS
     from tests.test_failures import composed
 
     raw = composed(*overrides, *ctx.common("plain"))
@@ -240,16 +240,16 @@ def plain_loop(
     pl.seed_everything(cfg.seed, verbose=False)
     device = ctx.device
     backbone = BACKBONES.build(raw.backbone, pretrained=True)
-    dm = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed)
+    task = TASKS.build(raw.task)
+    dm = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed, task=task)
     dm.setup("fit")
-    head = ClassifierHead(backbone.feature_dim, dm.num_classes, cfg.regularization.head_dropout)
+    head = Head(backbone.feature_dim, task.num_outputs, cfg.regularization.head_dropout)
     backbone.to(device)
     head.to(device)
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, backbone.layer_groups(), head, cfg.regularization.weight_decay)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.regularization.label_smoothing)
     precision = cfg.trainer["precision"]
     clip = cfg.trainer.get("gradient_clip_val")
 
@@ -265,7 +265,7 @@ def plain_loop(
         for batch in dm.train_dataloader():
             batch = to_device(batch, device, channels_last)
             with autocast():
-                loss = criterion(head(backbone(batch)), batch["labels"])
+                loss = task.loss(head(backbone(batch)), batch["labels"], cfg.regularization.label_smoothing)
             loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, clip)
