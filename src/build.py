@@ -6,13 +6,11 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
@@ -27,6 +25,7 @@ from src.backbones import BACKBONES
 from src.backbones.base import Backbone
 from src.cache import fingerprint, path_digest
 from src.config import RunConfig, validate
+from src.context import HydraContext
 from src.data.common import DataModule
 from src.finetune.init import CHECKPOINT_ARTIFACT, load_backbone
 from src.finetune.strategy import Strategy
@@ -39,33 +38,6 @@ from src.tracking.mlflow_run import source_tags
 from src.tracking.summary import best_metric, test_metric
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HydraContext:
-    launch_dir: Path
-    output_dir: Path
-    multirun_dir: str | None
-    job_num: int | None
-    overrides: list[str]
-    choices: dict[str, str]  # config-group options picked, e.g. {"data": "sst2"}: the names users know
-
-
-def hydra_context() -> HydraContext:
-    """Where the user launched from and which multirun job this is (plain defaults outside Hydra)."""
-    if not HydraConfig.initialized():
-        cwd = Path.cwd()
-        return HydraContext(cwd, Path(tempfile.mkdtemp(prefix="run-")), None, None, [], {})
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    return HydraContext(
-        launch_dir=Path(hc.runtime.cwd),
-        output_dir=Path(hc.runtime.output_dir),
-        multirun_dir=str(Path(hc.runtime.cwd, hc.sweep.dir)) if multirun else None,
-        job_num=hc.job.num if multirun else None,
-        overrides=list(hc.overrides.task),
-        choices={k: str(v) for k, v in hc.runtime.choices.items() if v is not None},
-    )
 
 
 def run_name(cfg: RunConfig, context: HydraContext) -> str:

@@ -100,25 +100,6 @@ def state_digest(module: torch.nn.Module) -> str:
 
 
 @dataclass
-class CacheConfig:
-    """The `cache` config block: the on-disk store of derived data (frozen-backbone features, ...)."""
-
-    enabled: bool = True
-    dir: str | None = None  # None: $TRANSFER_LAB_CACHE, else ~/.cache/transfer-lab
-    # A run holds its feature entries in RAM; a frozen prefix's token states (tokens x hidden x 4 bytes) can exceed
-    # it (100k documents x 512 tokens x 768 ~ 150 GB). Beyond this estimate the run trains uncached. None: no bound.
-    max_memory_gb: float | None = 8.0
-
-    def __post_init__(self) -> None:
-        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
-            raise ValueError(f"max_memory_gb: must be > 0 or null (no bound), got {self.max_memory_gb}")
-
-    @property
-    def root(self) -> Path:
-        return cache_root(self.dir)
-
-
-@dataclass
 class CacheStats:
     """What a run got from one namespace: logged to MLflow as `cache/<namespace>/*`."""
 

@@ -1,26 +1,30 @@
 """Structured-config schema and validation: every composed config is checked before any compute.
 
 Groups with several options (data, backbone, finetune) are validated against the schema their
-registry entry declares; the fixed groups (optim, regularization, tracking, objective) against the
-dataclasses below; `trainer` against Lightning's own `Trainer` signature.
+registry entry declares; the fixed groups (optim, regularization, tracking, objective, cache) against the
+dataclasses below (the regularization one in `src.regularization.config`). Nothing here imports torch or Lightning,
+so a config mistake is reported in about a second; `trainer` is checked against Lightning's own `Trainer` by
+`src.preflight.check_trainer`.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src.cache import CacheConfig
-from src.optim import OptimConfig
-from src.regularization import RegularizationConfig
+from src.adapt.config import ADAPT, check_compatible
+from src.backbones.config import BACKBONES
+from src.data.config import DATA
+from src.finetune.config import FINETUNE
+from src.regularization.config import RegularizationConfig
 from src.schema import ConfigError, check, check_choice
-from src.tasks.config import refusals
+from src.tasks.config import TASKS, refusals
 
 
 @dataclass
@@ -82,6 +86,83 @@ class TrackingConfig:
         )
 
 
+def resolve_uri(uri: str, base: Path) -> str:
+    """Make a relative sqlite/file store absolute against `base` (the launch directory)."""
+    for scheme in ("sqlite:///", "file:"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme) :]
+            if path and not Path(path).is_absolute():
+                return f"{scheme}{(base / path).resolve()}"
+            return uri
+    return uri if "://" in uri else str((base / uri).resolve())
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer + LR schedule. One optimizer parameter group per layer group, created up front."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+    head_lr_mult: float = 1.0
+    layer_decay: float = 1.0  # group i (from the head) gets lr * layer_decay**i
+    group_lrs: list[float] | None = None  # explicit LRs, backbone groups input->output then head
+    scheduler: str = "warmup_cosine"
+    warmup_ratio: float = 0.1  # onecycle: the fraction spent ramping up (torch's pct_start)
+    min_lr_ratio: float = 0.0
+    onecycle_start_ratio: float = 0.04  # onecycle: LR at step 0 as a fraction of the peak (torch's 1/div_factor)
+    lr_find: bool = False  # run the ratio-keeping LR finder before fit (src/lr_finder.py)
+    lr_find_steps: int = 100
+    lr_find_min_lr: float = 1.0e-6  # range of the swept base LR (`lr`); every group keeps its ratio to it
+    lr_find_max_lr: float = 1.0
+    lr_find_smoothing: float = 0.98  # EMA weight of the past in the smoothed loss curve
+    lr_find_diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+    lr_find_suggestion: str = "steepest"  # steepest | min_div_10
+    lr_find_apply: bool = False  # train with the suggested base LR instead of `lr`
+
+    def __post_init__(self) -> None:
+        check_choice(self.name, "name", ("adamw", "sgd"))
+        check(self.lr > 0 and math.isfinite(self.lr), f"lr: must be > 0; got {self.lr}")
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas: two values in [0, 1); got {self.betas}",
+        )
+        check(self.head_lr_mult > 0, f"head_lr_mult: must be > 0; got {self.head_lr_mult}")
+        check(0 < self.layer_decay <= 1, f"layer_decay: must be in (0, 1]; got {self.layer_decay}")
+        check(not self.group_lrs or min(self.group_lrs) >= 0, f"group_lrs: must be >= 0; got {self.group_lrs}")
+        check_choice(self.scheduler, "scheduler", ("warmup_cosine", "linear", "onecycle", "constant"))
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1]; got {self.min_lr_ratio}")
+        check(
+            0 < self.onecycle_start_ratio <= 1,
+            f"onecycle_start_ratio: must be in (0, 1]; got {self.onecycle_start_ratio}",
+        )
+        check(self.lr_find_steps >= 2, f"lr_find_steps: must be >= 2; got {self.lr_find_steps}")
+        check(
+            0 < self.lr_find_min_lr < self.lr_find_max_lr,
+            f"lr_find_min_lr/lr_find_max_lr: need 0 < min < max; got {self.lr_find_min_lr}, {self.lr_find_max_lr}",
+        )
+        check(0 <= self.lr_find_smoothing < 1, f"lr_find_smoothing: must be in [0, 1); got {self.lr_find_smoothing}")
+        check(self.lr_find_diverge > 1, f"lr_find_diverge: must be > 1; got {self.lr_find_diverge}")
+        check_choice(self.lr_find_suggestion, "lr_find_suggestion", ("steepest", "min_div_10"))
+
+
+@dataclass
+class CacheConfig:
+    """The `cache` config block: the on-disk store of derived data (frozen-backbone features, ...)."""
+
+    enabled: bool = True
+    dir: str | None = None  # None: $TRANSFER_LAB_CACHE, else ~/.cache/transfer-lab
+    # A run holds its feature entries in RAM; a frozen prefix's token states (tokens x hidden x 4 bytes) can exceed
+    # it (100k documents x 512 tokens x 768 ~ 150 GB). Beyond this estimate the run trains uncached. None: no bound.
+    max_memory_gb: float | None = 8.0
+
+    def __post_init__(self) -> None:
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise ValueError(f"max_memory_gb: must be > 0 or null (no bound), got {self.max_memory_gb}")
+
+
 FIXED_GROUPS: dict[str, type] = {
     "objective": Objective,
     "optim": OptimConfig,
@@ -125,15 +206,6 @@ def _parse(key: str, parse: Callable[[], Any]) -> Any:
         raise ConfigError(f"{key}.{msg}" if ":" in str(msg).split()[0] else f"{key}: {msg}") from None
 
 
-def _trainer_kwargs(node: DictConfig) -> dict[str, Any]:
-    allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
-    kwargs = OmegaConf.to_container(node, resolve=True)
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ConfigError(f"trainer.{unknown[0]}: not an argument of lightning.pytorch.Trainer")
-    return kwargs
-
-
 def check_pretraining_is_not_on_targets(backbone: Any, data: Any) -> None:
     """A backbone pretrained here (small_cnn) must never see the classes the run is measured on: an overlap would
     pretrain on the target's test images and report transfer that is not there."""
@@ -150,13 +222,8 @@ def check_pretraining_is_not_on_targets(backbone: Any, data: Any) -> None:
 
 
 def validate(cfg: DictConfig) -> RunConfig:
-    """Parse every group into its schema; raise `ConfigError` naming the first bad key."""
-    from src.adapt import ADAPT, check_compatible
-    from src.backbones import BACKBONES
-    from src.data import DATA
-    from src.finetune import FINETUNE
-    from src.tasks import TASKS
-
+    """Parse every group into its schema; raise `ConfigError` naming the first bad key. Torch-free: the `trainer`
+    arguments are checked against Lightning by `src.preflight.check_trainer`."""
     registries = {"task": TASKS, "data": DATA, "backbone": BACKBONES, "finetune": FINETUNE, "adapt": ADAPT}
     # Defaults that refer to other keys (optim.lr: ${finetune.lr}) are checked as the values they resolve to.
     # Without the `hydra` node a sweeper's config carries: its job-time values (hydra.job.num) are not set yet.
@@ -190,7 +257,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     extra = {k: cfg[k] for k in cfg if k not in known}
     return RunConfig(
         seed=seed,
-        trainer=_trainer_kwargs(cfg.trainer),
+        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
         ckpt_path=cfg.get("ckpt_path"),
         resume=None if cfg.get("resume") is None else str(cfg.get("resume")),
         extra=extra,

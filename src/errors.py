@@ -16,16 +16,26 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from src.schema import ConfigError
-from src.signals import STOP
+
+if TYPE_CHECKING:
+    from src.signals import GracefulStop
 
 ERROR_LOG = "error.log"
 
 
+def _stop() -> GracefulStop | None:
+    """`src.signals.STOP` when a stop signal ended the run. Looked up only if something loaded `src.signals` (it
+    imports Lightning): before that no handler is installed, and a config error must not pay for the import."""
+    signals = sys.modules.get("src.signals")
+    return signals.STOP if signals is not None and signals.STOP.signum is not None else None
+
+
 def exit_code(exc: BaseException) -> int:
-    if STOP.signum is not None:
-        return 128 + STOP.signum
+    if (stop := _stop()) is not None:
+        return 128 + stop.signum
     if isinstance(exc, KeyboardInterrupt):
         return 128 + signal.SIGINT
     return 2 if isinstance(exc, ConfigError) else 1
@@ -33,8 +43,8 @@ def exit_code(exc: BaseException) -> int:
 
 def one_line(exc: BaseException) -> str:
     """What the user reads: the message alone for their own mistakes, the type too for anything else."""
-    if STOP.signum is not None:
-        return STOP.describe()
+    if (stop := _stop()) is not None:
+        return stop.describe()
     if isinstance(exc, KeyboardInterrupt):
         return "Interrupted (Ctrl-C)"
     text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the library wrote
@@ -54,7 +64,7 @@ def one_clear_answer(output_dir: Path, multirun: bool) -> Iterator[None]:
     try:
         yield
     except SystemExit as e:  # Lightning's SIGTERMException after a graceful stop; else a deliberate exit
-        if STOP.signum is None:
+        if _stop() is None:
             raise
         _report(e, output_dir, multirun)
     except BaseException as e:  # noqa: BLE001 - every way out is reported
@@ -71,9 +81,9 @@ def _report(exc: BaseException, output_dir: Path, multirun: bool) -> None:
     elif output_dir.is_dir():
         log = output_dir / ERROR_LOG
         log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        if not isinstance(exc, ConfigError) and STOP.signum is None:
+        if not isinstance(exc, ConfigError) and _stop() is None:
             detail = f"\n  (full traceback: {log})"
     print(f"{line}{detail}", file=sys.stderr, flush=True)
-    if multirun and STOP.signum is None:
+    if multirun and _stop() is None:
         return
     sys.exit(exit_code(exc))

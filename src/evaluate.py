@@ -132,7 +132,7 @@ def _from_table(
     """A raw table read as the model's task reads labels (classes, tag lists or indicator columns, numbers)."""
     import torch
 
-    from src.data.common import label_columns
+    from src.data.config import label_columns
     from src.data.tables import RawTable
     from src.tasks.base import LabelFormat
 

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from src.backbones.base import Backbone, Preprocessing
-from src.cache import Cache, CacheConfig, fingerprint, state_digest
+from src.cache import Cache, fingerprint, state_digest
+from src.config import CacheConfig
 from src.data.common import DataModule
 from src.finetune.bn import batch_norms
 from src.finetune.strategy import Strategy
@@ -286,7 +287,7 @@ class FeatureCache:
     """Plans what a run caches, loads or computes the entries and rewires the data module and the module."""
 
     def __init__(self, cfg: CacheConfig, datamodule: DataModule, accelerator: str | None) -> None:
-        self.cache = Cache(NAMESPACE, cfg.root)
+        self.cache = Cache(NAMESPACE, cfg.dir)
         self.datamodule = datamodule
         self.data = datamodule.identity()
         self.inputs = preprocessing_identity(datamodule.preprocessing)

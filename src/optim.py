@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import partial
 
 import lightning.pytorch as pl
@@ -17,59 +16,8 @@ import torch
 from torch import nn
 
 from src.backbones.base import LayerGroup
+from src.config import OptimConfig
 from src.finetune.param_groups import layer_lrs, param_groups
-from src.schema import check, check_choice
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer + LR schedule. One optimizer parameter group per layer group, created up front."""
-
-    name: str = "adamw"
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9
-    head_lr_mult: float = 1.0
-    layer_decay: float = 1.0  # group i (from the head) gets lr * layer_decay**i
-    group_lrs: list[float] | None = None  # explicit LRs, backbone groups input->output then head
-    scheduler: str = "warmup_cosine"
-    warmup_ratio: float = 0.1  # onecycle: the fraction spent ramping up (torch's pct_start)
-    min_lr_ratio: float = 0.0
-    onecycle_start_ratio: float = 0.04  # onecycle: LR at step 0 as a fraction of the peak (torch's 1/div_factor)
-    lr_find: bool = False  # run the ratio-keeping LR finder before fit (src/lr_finder.py)
-    lr_find_steps: int = 100
-    lr_find_min_lr: float = 1.0e-6  # range of the swept base LR (`lr`); every group keeps its ratio to it
-    lr_find_max_lr: float = 1.0
-    lr_find_smoothing: float = 0.98  # EMA weight of the past in the smoothed loss curve
-    lr_find_diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
-    lr_find_suggestion: str = "steepest"  # steepest | min_div_10
-    lr_find_apply: bool = False  # train with the suggested base LR instead of `lr`
-
-    def __post_init__(self) -> None:
-        check_choice(self.name, "name", ("adamw", "sgd"))
-        check(self.lr > 0 and math.isfinite(self.lr), f"lr: must be > 0; got {self.lr}")
-        check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"betas: two values in [0, 1); got {self.betas}",
-        )
-        check(self.head_lr_mult > 0, f"head_lr_mult: must be > 0; got {self.head_lr_mult}")
-        check(0 < self.layer_decay <= 1, f"layer_decay: must be in (0, 1]; got {self.layer_decay}")
-        check(not self.group_lrs or min(self.group_lrs) >= 0, f"group_lrs: must be >= 0; got {self.group_lrs}")
-        check_choice(self.scheduler, "scheduler", ("warmup_cosine", "linear", "onecycle", "constant"))
-        check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
-        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1]; got {self.min_lr_ratio}")
-        check(
-            0 < self.onecycle_start_ratio <= 1,
-            f"onecycle_start_ratio: must be in (0, 1]; got {self.onecycle_start_ratio}",
-        )
-        check(self.lr_find_steps >= 2, f"lr_find_steps: must be >= 2; got {self.lr_find_steps}")
-        check(
-            0 < self.lr_find_min_lr < self.lr_find_max_lr,
-            f"lr_find_min_lr/lr_find_max_lr: need 0 < min < max; got {self.lr_find_min_lr}, {self.lr_find_max_lr}",
-        )
-        check(0 <= self.lr_find_smoothing < 1, f"lr_find_smoothing: must be in [0, 1); got {self.lr_find_smoothing}")
-        check(self.lr_find_diverge > 1, f"lr_find_diverge: must be > 1; got {self.lr_find_diverge}")
-        check_choice(self.lr_find_suggestion, "lr_find_suggestion", ("steepest", "min_div_10"))
 
 
 def lr_factor(

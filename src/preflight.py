@@ -1,27 +1,35 @@
 """Checks that need more than the schema but no compute: run right after validation, before any model, data or
-MLflow run exists, so a mistake that is knowable up front costs seconds, not an epoch."""
+MLflow run exists, so a mistake that is knowable up front costs seconds, not an epoch.
+
+`check_config` is torch-free (the CLI runs it before importing the heavy libraries); `check_trainer` needs
+Lightning and runs after that import, still before any compute.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import lightning.pytorch as pl
-
-from src.adapt.selection import CRITERIA
-from src.config import RunConfig
+from src.adapt.config import CRITERIA
+from src.config import RunConfig, resolve_uri
 from src.schema import ConfigError
-from src.tracking.mlflow_run import resolve_uri
 
 TRACKING_TIMEOUT_S = 5.0
 
 
 def check(cfg: RunConfig, launch_dir: Path) -> None:
-    check_objective(cfg)
+    check_config(cfg, launch_dir)
     check_trainer(cfg.trainer)
+
+
+def check_config(cfg: RunConfig, launch_dir: Path) -> None:
+    """Everything knowable without Lightning."""
+    check_objective(cfg)
+    check_epochs(cfg.trainer)
     check_tracking(cfg.tracking.uri, cfg.tracking.artifact_location, launch_dir)
     check_cache(cfg.cache.dir, launch_dir)
 
@@ -48,14 +56,22 @@ def check_objective(cfg: RunConfig) -> None:
         )
 
 
-def check_trainer(kwargs: dict) -> None:
-    """Epoch bounds, then a throwaway `Trainer` built from the same arguments: whatever Lightning would reject at
-    fit time (an absent accelerator, an unknown precision or strategy) is rejected now."""
+def check_epochs(kwargs: dict) -> None:
     epochs, steps = kwargs.get("max_epochs"), kwargs.get("max_steps", -1)
     if epochs is not None and epochs != -1 and epochs < 1:
         raise ConfigError(f"trainer.max_epochs: must be >= 1 (or -1 with trainer.max_steps > 0); got {epochs}")
     if epochs == -1 and (steps is None or steps < 1):
         raise ConfigError("trainer.max_epochs: -1 (unbounded) needs trainer.max_steps > 0")
+
+
+def check_trainer(kwargs: dict) -> None:
+    """Every key an argument of Lightning's `Trainer`, then a throwaway `Trainer` built from them: whatever
+    Lightning would reject at fit time (an absent accelerator, an unknown precision or strategy) is rejected now."""
+    import lightning.pytorch as pl  # ~10 s: only once the torch-free checks have passed
+
+    allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
+    if unknown := sorted(set(kwargs) - allowed):
+        raise ConfigError(f"trainer.{unknown[0]}: not an argument of lightning.pytorch.Trainer")
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines are printed by the real trainer

@@ -12,8 +12,10 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from src import build, features, lr_finder, preflight, regularization
-from src.adapt import ADAPT, TargetEvaluation
+from src.adapt import ADAPT
+from src.adapt.selection import TargetEvaluation
 from src.config import RunConfig, validate
+from src.context import HydraContext, hydra_context
 from src.data import DATA
 from src.errors import one_clear_answer
 from src.finetune import FINETUNE
@@ -39,9 +41,7 @@ warnings.filterwarnings("ignore", r".*in eval mode at the start of training")
 warnings.filterwarnings("ignore", r".*The `srun` command is available on your system but is not used")
 
 
-def run(
-    cfg: RunConfig, raw: DictConfig, context: build.HydraContext, resume: ResumePoint | None
-) -> float | list[float]:
+def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePoint | None) -> float | list[float]:
     trial = JobTrial(cfg.extra.get("sweep"), cfg.objective)  # the Optuna trial of a sweep job; a no-op otherwise
     with (
         MLflowRun(
@@ -117,9 +117,9 @@ def log_through_root() -> None:
         logger.propagate = True
 
 
-def execute(raw: DictConfig, context: build.HydraContext | None = None) -> float | list[float] | None:
+def execute(raw: DictConfig, context: HydraContext | None = None) -> float | list[float] | None:
     """A composed config, end to end: every failure becomes one line and an exit code (src.errors)."""
-    context = context or build.hydra_context()
+    context = context or hydra_context()
     log_through_root()
     STOP.install()
     with one_clear_answer(context.output_dir, multirun=context.job_num is not None):

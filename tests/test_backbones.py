@@ -29,7 +29,8 @@ from transformers import (
     ViTModel,
 )
 
-from src.backbones import BACKBONES, Backbone, LayerGroup
+from src.backbones import BACKBONES
+from src.backbones.base import Backbone, LayerGroup
 from src.backbones.efficientnet_lite import EfficientNetLiteConfig
 from src.backbones.groups import check_partition, module_layer_groups
 from src.backbones.hf import HFConfig

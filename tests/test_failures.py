@@ -16,9 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from src import build, preflight
+from src import preflight
 from src.backbones import BACKBONES
 from src.config import validate
+from src.context import HydraContext
 from src.data import DATA
 from src.health import HealthCheck
 from src.schema import ConfigError
@@ -46,7 +47,7 @@ def restore_signals():
 
 def run_in_process(cwd: Path, *overrides: str) -> int:
     """`python -m src.run OVERRIDES` in `cwd` without a subprocess; returns the exit status."""
-    context = build.HydraContext(cwd, cwd / "outputs" / "run", None, None, list(overrides), {})
+    context = HydraContext(cwd, cwd / "outputs" / "run", None, None, list(overrides), {})
     context.output_dir.mkdir(parents=True)
     old = Path.cwd()
     os.chdir(cwd)
@@ -73,6 +74,7 @@ def only_run(cwd: Path):
     [
         ("objective.metric=val/accuracy", "objective.metric: 'val/accuracy' is never logged; choose one of val/acc"),
         ("trainer.max_epochs=0", "trainer.max_epochs: must be >= 1"),
+        ("+trainer.max_epohs=3", "trainer.max_epohs: not an argument of lightning.pytorch.Trainer"),
         ("trainer.accelerator=gpu", "trainer: "),
         ("trainer.precision=bf17", "trainer: "),
         ("tracking.uri=http://127.0.0.1:9", "tracking.uri: no MLflow server answers at http://127.0.0.1:9"),

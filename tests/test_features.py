@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from src.backbones import BACKBONES
-from src.build import hydra_context
-from src.cache import Cache, CacheConfig
+from src.cache import Cache
 from src.cache import main as cache_main
-from src.config import validate
+from src.config import CacheConfig, validate
+from src.context import hydra_context
 from src.data import DATA
 from src.features import CachedSplit, FeatureCache, preprocessing_identity
 from src.finetune import FINETUNE

@@ -13,7 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from src.backbones import BACKBONES
 from src.data import DATA
-from src.finetune import FINETUNE, Strategy
+from src.finetune import FINETUNE
+from src.finetune.strategy import Strategy
 from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
 from tests.conftest import classification

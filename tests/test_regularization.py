@@ -12,17 +12,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
-from src.backbones import BACKBONES, Preprocessing
+from src.backbones import BACKBONES
+from src.backbones.base import Preprocessing
 from src.backbones.minilm import minilm_path
 from src.data import DATA
 from src.finetune.init import backbone_state, resolve_checkpoint
 from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
-from src.regularization import RegularizationConfig, build
-from src.regularization.augment import AugmentConfig, ImageAugment, TokenDropout
-from src.regularization.ema import EMAConfig
-from src.regularization.l2sp import L2SPConfig
-from src.regularization.mixup import Mixup, MixupConfig
+from src.regularization import build
+from src.regularization.augment import ImageAugment, TokenDropout
+from src.regularization.config import AugmentConfig, EMAConfig, L2SPConfig, MixupConfig, RegularizationConfig
+from src.regularization.mixup import Mixup
 from src.regularization.reference import PretrainedReference
 from src.tasks.base import Task
 from tests.conftest import classification, run_cli

@@ -1,9 +1,7 @@
 """Domain adaptation: a labelled source domain, an unlabelled target domain (`adapt=none|dann|cdan|coral|mcc|
-entropy|oracle`), target evaluation and label-free model selection."""
+entropy|oracle`), target evaluation and label-free model selection. Each option's schema is registered in
+`src.adapt.config`; its module loads when built."""
 
-# Importing the modules registers them.
-from src.adapt import methods  # noqa: E402,F401,I001
-from src.adapt.base import ADAPT, AdaptConfig, Adapter, check_compatible
-from src.adapt.selection import TargetEvaluation
+from src.adapt.config import ADAPT, check_compatible
 
-__all__ = ["ADAPT", "AdaptConfig", "Adapter", "TargetEvaluation", "check_compatible"]
+__all__ = ["ADAPT", "check_compatible"]

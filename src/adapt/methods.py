@@ -9,21 +9,17 @@ minimisation act on the target predictions only. Hyperparameters follow the Tran
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.adapt.base import ADAPT, AdaptConfig, Adapter, WeightedConfig, progress, ramp
+from src.adapt.base import Adapter, progress, ramp
+from src.adapt.config import AdversarialConfig
 from src.module import Batch, LossTerm
-from src.schema import check
-
-ADAPT.register("none", AdaptConfig)(Adapter)
 
 
-@ADAPT.register("oracle", AdaptConfig)
 class Oracle(Adapter):
     """The upper bound, not an adaptation method: trains on the *labelled* target training images."""
 
@@ -51,17 +47,6 @@ def grad_reverse(x: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Per-row Shannon entropy (nats) of probabilities."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-
-
-@dataclass
-class AdversarialConfig(WeightedConfig):
-    hidden: int = 1024  # width of the discriminator's two hidden layers
-    randomized_dim: int = 1024  # CDAN: random multilinear map to this size when features x classes exceeds 4096
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.hidden >= 1, f"hidden: must be >= 1; got {self.hidden}")
-        check(self.randomized_dim >= 1, f"randomized_dim: must be >= 1; got {self.randomized_dim}")
 
 
 class DomainAdversarialLoss(nn.Module):
@@ -116,7 +101,6 @@ class ConditionalDomainAdversarialLoss(DomainAdversarialLoss):
         return torch.bmm(probs.unsqueeze(2), features.unsqueeze(1)).flatten(1)
 
 
-@ADAPT.register("dann", AdversarialConfig)
 class DANN(Adapter):
     """Domain-adversarial training: a discriminator on the pooled features behind a gradient reversal."""
 
@@ -131,7 +115,6 @@ class DANN(Adapter):
         return [self.term]
 
 
-@ADAPT.register("cdan", AdversarialConfig)
 class CDAN(DANN):
     """Conditional DANN: the discriminator is conditioned on the classifier's predictions."""
 
@@ -168,7 +151,6 @@ def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (mean_s - mean_t).pow(2).mean() + (cov_s - cov_t).pow(2).mean()
 
 
-@ADAPT.register("coral", WeightedConfig)
 class Coral(Adapter):
     """Deep CORAL: align the second-order statistics of source and target features."""
 
@@ -177,15 +159,6 @@ class Coral(Adapter):
 
     def loss_terms(self) -> list[LossTerm]:
         return [CoralLoss("coral", self)]
-
-
-@dataclass
-class MCCConfig(WeightedConfig):
-    temperature: float = 2.5  # softens the target predictions before the class-confusion matrix
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.temperature > 0, f"temperature: must be > 0; got {self.temperature}")
 
 
 class MCCLoss(WeightedTerm):
@@ -208,7 +181,6 @@ def minimum_class_confusion(logits: torch.Tensor, temperature: float) -> torch.T
     return (confusion.sum() - confusion.trace()) / classes
 
 
-@ADAPT.register("mcc", MCCConfig)
 class MCC(Adapter):
     """Minimum class confusion on the target predictions (needs no feature alignment: works with a linear probe)."""
 
@@ -223,7 +195,6 @@ class EntropyLoss(WeightedTerm):
         return entropy(batch["target"]["logits"].softmax(-1)).mean()
 
 
-@ADAPT.register("entropy", WeightedConfig)
 class EntropyMinimization(Adapter):
     """Entropy minimisation on the target predictions (Grandvalet & Bengio 2005)."""
 

@@ -25,14 +25,13 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torch.nn import functional as F
 
+from src.adapt.config import CRITERIA
 from src.adapt.methods import entropy
 
 log = logging.getLogger(__name__)
 
 SND_TEMPERATURE = 0.05
 SND_MAX_SAMPLES = 2000  # the similarity matrix is N x N; larger target sets are scored on a seeded subset
-# criterion -> the per-epoch metric it maximises; "oracle" uses the target test labels.
-CRITERIA = {"source_val": "val/acc", "im": "val/target_im", "snd": "val/target_snd", "oracle": "target/acc"}
 
 
 def information_maximization(probs: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,5 @@
-"""Backbone registry. Each module below registers one backbone family with its config schema."""
+"""Backbone registry. Each option's schema is registered in `src.backbones.config`; its module loads when built."""
 
-from src.backbones.base import Backbone, LayerGroup, Preprocessing
-from src.registry import Registry
+from src.backbones.config import BACKBONES
 
-BACKBONES: Registry[Backbone] = Registry("backbone")
-
-# Importing the modules registers them.
-from src.backbones import efficientnet_lite, hf, minilm, small_cnn, timm  # noqa: E402,F401
-
-__all__ = ["BACKBONES", "Backbone", "LayerGroup", "Preprocessing"]
+__all__ = ["BACKBONES"]

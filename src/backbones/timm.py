@@ -6,23 +6,14 @@ Untested here: timm must not be installed next to transformers in this environme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
-from src.backbones import BACKBONES
 from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.config import TimmConfig
 from src.backbones.groups import ParameterHolder, check_partition, module_layer_groups
-
-
-@dataclass
-class TimmConfig:
-    name: str = "timm"
-    lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
-    model: str = MISSING  # timm model name, e.g. resnet18 or vit_small_patch16_224.augreg_in21k
 
 
 class TimmBackbone(Backbone):
@@ -51,7 +42,6 @@ class TimmBackbone(Backbone):
         ]
 
 
-@BACKBONES.register("timm", TimmConfig)
 def build_timm(cfg: TimmConfig, pretrained: bool = True) -> TimmBackbone:
     try:
         import timm

@@ -1,11 +1,5 @@
-"""Data-module registry. Each module below registers one LightningDataModule with its config schema."""
+"""Data-module registry. Each option's schema is registered in `src.data.config`; its module loads when built."""
 
-import lightning.pytorch as pl
-
-from src.registry import Registry
-
-DATA: Registry[pl.LightningDataModule] = Registry("data")
-
-from src.data import digits, image_folder, image_manifest, text_table  # noqa: E402,F401
+from src.data.config import DATA
 
 __all__ = ["DATA"]

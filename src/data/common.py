@@ -7,7 +7,7 @@ the same thing for every dataset, so runs are comparable across data modules.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,99 +16,13 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from src.cache import path_digest
+from src.data.config import DataConfig
 from src.schema import ConfigError, blame
 from src.tasks.base import labels_digest
 
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
     from src.backbones.base import Preprocessing
     from src.tasks.base import Task
-
-
-@dataclass
-class DataConfig:
-    """Fields every data module accepts; subclasses override ``name`` with their registry name."""
-
-    name: str = "???"
-    batch_size: int = 32
-    eval_batch_size: int | None = None  # None: same as batch_size
-    num_workers: int = 0
-    max_train_samples: int | None = None  # seeded random subset of the training split (seed = run seed)
-    max_train_per_class: int | None = None  # seeded per-class cap on the training split (learning curves)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size: must be >= 1 or null, got {self.eval_batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"max_train_samples: must be >= 1 or null, got {self.max_train_samples}")
-        if self.max_train_per_class is not None and self.max_train_per_class < 1:
-            raise ValueError(f"max_train_per_class: must be >= 1 or null, got {self.max_train_per_class}")
-
-    @property
-    def has_target(self) -> bool:
-        """Whether the config defines a target domain for domain adaptation (data modules that support one
-        override this)."""
-        return False
-
-
-def check_path(key: str, path: str | None, directory: bool = False) -> None:
-    """Fail at config validation, before any model is loaded, when an input file/folder is missing."""
-    if path is None:
-        return
-    found = Path(path).is_dir() if directory else Path(path).is_file()
-    if not found:
-        kind = "directory" if directory else "file"
-        raise FileNotFoundError(
-            f"{key}: no such {kind} {path!r} (relative paths resolve against the launch directory {Path.cwd()})"
-        )
-
-
-def check_fraction(field_name: str, value: float) -> None:
-    """Validation split fractions must leave something on both sides."""
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{field_name}: must be in (0, 1), got {value}")
-
-
-def read_label_names(key: str, value: str | list[Any]) -> list[str]:
-    """Class names in index order: a list, or a text file with one name per line (AG News' ``classes.txt``)."""
-    if isinstance(value, str):
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"{key}: no such file {value!r} (a list of names or a file with one name per line)")
-        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    else:
-        names = [str(name) for name in value]
-    if len(names) < 2:
-        raise ValueError(f"{key}: need at least 2 class names, got {names}")
-    if duplicates := sorted({name for name in names if names.count(name) > 1}):
-        raise ValueError(f"{key}: duplicate class name(s) {duplicates}")
-    return names
-
-
-def label_columns(value: Any) -> list[str]:
-    """``label_column`` as a list of column names (several: 0/1 tag columns or regression targets)."""
-    return [str(c) for c in value] if isinstance(value, list | tuple) else [str(value)]
-
-
-def check_label_keys(cfg: Any) -> None:
-    """The label keys every table-reading data module shares (label_column, label_separator, label_names,
-    label_base, bad_rows), checked the same way at config validation."""
-    from src.data.tables import BAD_ROWS
-
-    columns = label_columns(cfg.label_column)
-    if not columns or len(set(columns)) < len(columns):
-        raise ValueError(f"label_column: a column name or a list of distinct ones, got {cfg.label_column!r}")
-    if cfg.label_separator is not None and not cfg.label_separator:
-        raise ValueError("label_separator: must be a non-empty string or null")
-    if cfg.label_names is not None:
-        read_label_names("label_names", cfg.label_names)
-    if cfg.label_base not in (None, 0, 1):
-        raise ValueError(f"label_base: must be 0, 1 or null (inferred), got {cfg.label_base}")
-    if cfg.bad_rows not in BAD_ROWS:
-        raise ValueError(f"bad_rows: must be one of {', '.join(BAD_ROWS)}, got {cfg.bad_rows!r}")
 
 
 def seeded_subset(n: int, k: int | None, seed: int) -> np.ndarray:

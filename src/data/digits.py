@@ -8,7 +8,6 @@ seconds on a CPU.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,8 +15,8 @@ from sklearn.datasets import load_digits
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from src.data import DATA
-from src.data.common import DataConfig, DataModule, stratified_split
+from src.data.common import DataModule, stratified_split
+from src.data.config import TARGET_SHIFTS, DigitsConfig
 from src.data.transforms import Compose, Normalize, RepeatChannels, Resize, Transform
 from src.schema import ConfigError
 
@@ -25,8 +24,6 @@ if TYPE_CHECKING:  # no runtime import: src.backbones imports this module (small
     from src.backbones.base import Preprocessing
 
 DIGITS_SIZE = 8
-# Built-in target domains for domain adaptation: the same digits, shifted.
-TARGET_SHIFTS = ("invert", "rotate", "noise")
 ROTATION_DEGREES = 30.0
 NOISE_STD = 0.35
 
@@ -36,39 +33,6 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return images, torch.as_tensor(digits.target, dtype=torch.long)
-
-
-@dataclass
-class DigitsConfig(DataConfig):
-    name: str = "digits"
-    source_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # for backbone pretraining
-    target_classes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # re-indexed 0..k-1 in order
-    labels_per_class: int = 10  # labelled target training images per class (few-shot)
-    val_per_class: int = 20  # validation images per target class; the rest of the target images are test
-    target_shift: str | None = None  # domain adaptation: invert | rotate | noise (a shifted target domain)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("source_classes", "target_classes"):
-            classes = getattr(self, key)
-            if any(not 0 <= c <= 9 for c in classes) or len(set(classes)) != len(classes):
-                raise ValueError(f"{key}: must be distinct digits 0..9, got {classes}")
-        if len(self.target_classes) < 2:
-            raise ValueError(f"target_classes: need at least 2 classes, got {self.target_classes}")
-        if overlap := sorted(set(self.source_classes) & set(self.target_classes)):
-            raise ValueError(f"target_classes: must be disjoint from source_classes, both contain {overlap}")
-        if self.labels_per_class < 1:
-            raise ValueError(f"labels_per_class: must be >= 1, got {self.labels_per_class}")
-        if self.val_per_class < 1:
-            raise ValueError(f"val_per_class: must be >= 1, got {self.val_per_class}")
-        if self.target_shift is not None and self.target_shift not in TARGET_SHIFTS:
-            raise ValueError(
-                f"target_shift: must be one of {', '.join(TARGET_SHIFTS)} or null, got {self.target_shift!r}"
-            )
-
-    @property
-    def has_target(self) -> bool:
-        return self.target_shift is not None
 
 
 def shift_images(images: torch.Tensor, shift: str, seed: int) -> torch.Tensor:
@@ -111,7 +75,6 @@ def digits_transform(preprocessing: Preprocessing) -> Transform:
     return Compose(steps)
 
 
-@DATA.register("digits", DigitsConfig)
 class DigitsDataModule(DataModule):
     """Target digits, per class and seeded: ``labels_per_class`` train, ``val_per_class`` val, rest test.
 

@@ -12,26 +12,17 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from omegaconf import MISSING
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from src.cache import Cache, file_digest, fingerprint
-from src.data import DATA
-from src.data.common import (
-    DataConfig,
-    DataModule,
-    check_fraction,
-    check_path,
-    fraction_split,
-    read_label_names,
-)
+from src.data.common import DataModule, fraction_split
+from src.data.config import ImageFolderConfig, read_label_names
 from src.data.transforms import (
     CenterCrop,
     Compose,
@@ -50,63 +41,6 @@ if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 224
-
-
-@dataclass
-class ImageConfig(DataConfig):
-    """How every image data module decodes, caches and augments (class folders or a manifest)."""
-
-    val_fraction: float = 0.2
-    image_size: int | None = None  # None: the backbone's preprocessing.image_size, else 224
-    hflip: bool = True  # random horizontal flip, training split only
-    cache_images: bool = True  # decoded, resized images in memory + disk cache (uint8: 3 * image_size**2 bytes each)
-    cache_dir: str | None = None  # disk cache root; None: $TRANSFER_LAB_CACHE, else ~/.cache/transfer-lab
-    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_fraction("val_fraction", self.val_fraction)
-        if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size: must be >= 1 or null, got {self.image_size}")
-        if not self.extensions:
-            raise ValueError(f"extensions: must list at least one file extension, got {self.extensions}")
-
-    def suffixes(self) -> set[str]:
-        return {"." + ext.lower().lstrip(".") for ext in self.extensions}
-
-
-@dataclass
-class ImageFolderConfig(ImageConfig):
-    name: str = "image_folder"
-    train_dir: str = MISSING  # required
-    val_dir: str | None = None  # None: a seeded stratified val_fraction of train_dir
-    test_dir: str | None = None  # None: test on the validation split
-    target_dir: str | None = None  # domain adaptation: unlabelled target-domain images (any layout under it)
-    target_test_dir: str | None = None  # labelled target-domain class folders, for evaluation only
-    label_names: Any = None  # class names for the sorted sub-folders, in that order: a list or a file; None: folders
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.train_dir == MISSING:
-            raise ValueError(f"train_dir: required, got {self.train_dir!r}")
-        for key in ("train_dir", "val_dir", "test_dir", "target_dir", "target_test_dir"):
-            check_path(key, getattr(self, key), directory=True)
-        if self.target_test_dir is not None and self.target_dir is None:
-            raise ValueError("target_test_dir: needs target_dir (the unlabelled target training images) too")
-        suffixes = self.suffixes()
-        for key in ("target_dir", "target_test_dir"):  # the target must be the same kind of input as the source
-            root = getattr(self, key)
-            if root is not None and not any(p.suffix.lower() in suffixes for p in Path(root).rglob("*")):
-                raise ValueError(
-                    f"{key}: no files with extensions {sorted(suffixes)} under {root} (the target domain must be "
-                    "images, like the source)"
-                )
-        if self.label_names is not None:
-            read_label_names("label_names", self.label_names)
-
-    @property
-    def has_target(self) -> bool:
-        return self.target_dir is not None
 
 
 def shorter_side(path: Path) -> int | None:
@@ -237,7 +171,6 @@ class ImageFiles(Dataset):
         return item if self.labels is None else {**item, "labels": self.labels[index]}
 
 
-@DATA.register("image_folder", ImageFolderConfig)
 class ImageFolderDataModule(DataModule):
     """``train_dir``/``val_dir``/``test_dir`` class folders; classes are the sorted sub-folders of ``train_dir``."""
 

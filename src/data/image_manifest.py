@@ -7,58 +7,23 @@ augmentation are image_folder's.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import MISSING
 from torch.utils.data import Dataset
 
-from src.data import DATA
-from src.data.common import check_label_keys, check_path, fraction_split, label_columns, read_label_names
-from src.data.image_folder import ImageConfig, ImageFolderDataModule, shorter_side
-from src.data.tables import FORMATS, infer_format, listed, read_table
+from src.data.common import fraction_split
+from src.data.config import ImageManifestConfig, label_columns, read_label_names
+from src.data.image_folder import ImageFolderDataModule, shorter_side
+from src.data.tables import listed, read_table
 from src.schema import ConfigError
 from src.tasks.base import LabelFormat
 
 if TYPE_CHECKING:
     from src.tasks.base import Cell
 
-PATH_KEYS = ("train_path", "val_path", "test_path")
 
-
-@dataclass
-class ImageManifestConfig(ImageConfig):
-    name: str = "image_manifest"
-    train_path: str = MISSING  # required: a table (csv, tsv, jsonl, parquet) with a header row
-    val_path: str | None = None  # None: a seeded stratified val_fraction of train
-    test_path: str | None = None  # None: test on the validation split
-    image_column: str = "image"  # image file paths, relative to image_root
-    image_root: str | None = None  # None: each manifest's own folder
-    label_column: Any = "label"  # a column, or a list of columns: 0/1 tags (multilabel) or targets (regression)
-    label_separator: str | None = None  # multilabel: the character between tags in one cell, e.g. "," in "8,20"
-    label_names: Any = None  # class / tag names in index order: a list, or a file with one name per line
-    label_base: int | None = None  # integer labels index label_names from 0 or 1; None: inferred from train
-    bad_rows: str = "error"  # rows with a missing or unreadable image, no label or an invalid one: error | skip
-    format: str = "auto"  # auto (from the extension) | csv | tsv | jsonl | parquet
-    encoding: str = "utf-8"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.train_path == MISSING:
-            raise ValueError("train_path: required (a table with an image path column and the label column(s))")
-        if self.format not in FORMATS:
-            raise ValueError(f"format: must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        for key in PATH_KEYS:
-            check_path(key, getattr(self, key))
-            if getattr(self, key) is not None:
-                infer_format(key, getattr(self, key), self.format)
-        check_path("image_root", self.image_root, directory=True)
-        check_label_keys(self)
-
-
-@DATA.register("image_manifest", ImageManifestConfig)
 class ImageManifestDataModule(ImageFolderDataModule):
     """``train_path``/``val_path``/``test_path`` manifests; outputs are what the task learns from the train labels."""
 

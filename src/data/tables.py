@@ -26,14 +26,11 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from src.data.config import infer_format, split_suffixes
 from src.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet")
-FORMAT_BY_EXTENSION = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-COMPRESSION_BY_EXTENSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4", ".br": "brotli"}
-BAD_ROWS = ("error", "skip")
 MAX_LISTED = 10  # line numbers quoted in one message
 
 
@@ -79,28 +76,6 @@ def listed(lines: list[int]) -> str:
     """``"3, 7, 9"`` or ``"3, 7, ... (25 in all)"``: line numbers for a message."""
     shown = ", ".join(map(str, lines[:MAX_LISTED]))
     return shown if len(lines) <= MAX_LISTED else f"{shown}, ... ({len(lines)} in all)"
-
-
-def split_suffixes(path: str | Path) -> tuple[str, str | None]:
-    """``(format suffix, compression codec)``: ``train.csv.gz`` -> ``(".csv", "gzip")``."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    codec = COMPRESSION_BY_EXTENSION.get(suffixes[-1]) if suffixes else None
-    if codec is not None:
-        suffixes = suffixes[:-1]
-    return (suffixes[-1] if suffixes else ""), codec
-
-
-def infer_format(key: str, path: str, fmt: str) -> str:
-    """The table format of ``path``: explicit ``fmt``, else from its extension (compression suffixes skipped)."""
-    if fmt != "auto":
-        return fmt
-    suffix, _ = split_suffixes(path)
-    if suffix not in FORMAT_BY_EXTENSION:
-        raise ValueError(
-            f"{key}: cannot infer the format of {path!r} from its extension ({', '.join(FORMAT_BY_EXTENSION)}, "
-            f"optionally + {', '.join(COMPRESSION_BY_EXTENSION)}); set format: {' | '.join(FORMATS[1:])}"
-        )
-    return FORMAT_BY_EXTENSION[suffix]
 
 
 def read_text_bytes(where: str, path: Path, encoding: str) -> bytes:

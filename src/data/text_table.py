@@ -12,17 +12,13 @@ longest sequence, which is much cheaper than padding everything to ``max_length`
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
 import itertools
-import json
 import logging
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,28 +27,16 @@ from torch.utils.data import Dataset
 from transformers import DataCollatorWithPadding
 
 from src.cache import Cache, file_digest, fingerprint
-from src.data import DATA
-from src.data.common import (
-    DataConfig,
-    DataModule,
-    check_fraction,
-    check_label_keys,
-    check_path,
-    fraction_split,
-    label_columns,
-    read_label_names,
-)
+from src.data.common import DataModule, fraction_split
+from src.data.config import PATH_KEYS, TARGET_KEYS, TextTableConfig, read_label_names
 from src.data.tables import (
-    FORMATS,
     RawTable,
     hub_split,
     hub_table,
-    infer_format,
     listed,
     load_hub_dataset,
     looks_like_data,
     read_table,
-    read_text_bytes,
 )
 from src.schema import ConfigError
 from src.tasks.base import LabelFormat, as_int
@@ -65,130 +49,6 @@ log = logging.getLogger(__name__)
 
 CACHE_NAMESPACE = "tokenized"
 CACHE_LAYOUT = 1  # part of every key: bump when the cached entry's layout changes
-PATH_KEYS = ("train_path", "val_path", "test_path")
-TARGET_KEYS = ("target_path", "target_test_path")  # domain adaptation: target-domain tables (src.adapt)
-
-
-@dataclass
-class TextTableConfig(DataConfig):
-    name: str = "text_table"
-    train_path: str | None = None  # a table file, or set hf_dataset instead
-    val_path: str | None = None  # None: a seeded stratified val_fraction of train
-    test_path: str | None = None  # None: test on the validation split
-    target_path: str | None = None  # domain adaptation: unlabelled target-domain table (same text columns)
-    target_test_path: str | None = None  # labelled target-domain table, for evaluation only
-    hf_dataset: str | None = None  # a Hugging Face dataset (hub id or local dataset folder) instead of files
-    hf_config: str | None = None  # the dataset's configuration (subset), e.g. glue's "sst2"
-    train_split: str = "train"
-    val_split: str | None = None  # None: a seeded stratified val_fraction of train_split
-    test_split: str | None = None  # None: test on the validation split
-    format: str = "auto"  # auto (from the extension) | csv | tsv | jsonl | parquet
-    header: bool | None = None  # csv/tsv: whether line 1 holds column names; None: yes unless column_names is set
-    column_names: list[str] | None = None  # csv/tsv: names of the columns, in file order
-    encoding: str = "utf-8"  # text encoding of csv/tsv/jsonl files
-    text_column: Any = "sentence"  # a column, or a list of columns joined with text_separator
-    text_separator: str = " "
-    text_pair_column: str | None = None  # second text, e.g. the hypothesis in NLI
-    label_column: Any = "label"  # a column, or a list of columns: 0/1 tags (multilabel) or targets (regression)
-    label_separator: str | None = None  # multilabel: the character between tags in one cell, e.g. "," in "8,20"
-    label_names: Any = None  # class names in index order: a list, or a file with one name per line
-    label_base: int | None = None  # integer labels index label_names from 0 or 1; None: inferred from train
-    bad_rows: str = "error"  # rows with a wrong field count, an empty text/label or an unknown label: error | skip
-    val_fraction: float = 0.1
-    max_length: int = 128  # tokens; longer inputs are truncated
-    lowercase: bool = False
-    cache: bool = True  # keep parsed, tokenised tables in the shared on-disk cache (namespace "tokenized")
-    cache_dir: str | None = None  # None: $TRANSFER_LAB_CACHE or ~/.cache/transfer-lab
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if (self.train_path is None) == (self.hf_dataset is None):
-            raise ValueError(
-                f"train_path: set exactly one of train_path (a table file) and hf_dataset (a Hugging Face dataset); "
-                f"got train_path={self.train_path!r}, hf_dataset={self.hf_dataset!r}"
-            )
-        if self.hf_dataset is not None and (given := [k for k in PATH_KEYS[1:] if getattr(self, k) is not None]):
-            raise ValueError(f"{given[0]}: with hf_dataset, name splits (val_split, test_split) instead of files")
-        if self.format not in FORMATS:
-            raise ValueError(f"format: must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.target_test_path is not None and self.target_path is None:
-            raise ValueError("target_test_path: needs target_path (the unlabelled target training table) too")
-        formats = set()
-        for key in (*PATH_KEYS, *TARGET_KEYS):
-            if getattr(self, key) is not None:
-                formats.add(self.format_of(key))
-                check_path(key, getattr(self, key))
-        for key in TARGET_KEYS:  # the target domain must be the same kind of input as the source, checked up front
-            if getattr(self, key) is not None:
-                self._check_target_columns(key)
-        if self.column_names is not None and (
-            not self.column_names or len(set(self.column_names)) < len(self.column_names)
-        ):
-            raise ValueError(f"column_names: must be distinct names, one per column; got {self.column_names}")
-        for key in ("header", "column_names"):
-            if getattr(self, key) is not None and not formats & {"csv", "tsv"}:
-                raise ValueError(
-                    f"{key}: applies to csv/tsv files only (the files are {sorted(formats) or 'hub data'})"
-                )
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
-            raise ValueError(
-                f"encoding: unknown text encoding {self.encoding!r} (e.g. utf-8, latin-1, cp1252)"
-            ) from None
-        columns = self.text_columns()
-        if not columns:
-            raise ValueError(f"text_column: a column name or a non-empty list of them, got {self.text_column!r}")
-        check_label_keys(self)
-        check_fraction("val_fraction", self.val_fraction)
-        if self.max_length < 1:
-            raise ValueError(f"max_length: must be >= 1, got {self.max_length}")
-
-    @property
-    def has_target(self) -> bool:
-        return self.target_path is not None
-
-    def _check_target_columns(self, key: str) -> None:
-        path, fmt = Path(getattr(self, key)), self.format_of(key)
-        columns = peek_columns(path, fmt, self.encoding) if self.column_names is None else self.column_names
-        needed = [*self.text_columns(), self.text_pair_column, *(self.label_columns() if key != "target_path" else [])]
-        if missing := [c for c in needed if c is not None and c not in columns]:
-            raise ValueError(
-                f"{key}: {path} has no column {missing[0]!r} (the target domain needs the source's columns); "
-                f"columns: {columns}"
-            )
-
-    def format_of(self, key: str) -> str:
-        """The table format of the file in config field ``key`` (explicit, or from its extension)."""
-        return infer_format(key, getattr(self, key), self.format)
-
-    def text_columns(self) -> list[str]:
-        """``text_column`` as a list of column names (integers address the columns of a headerless file)."""
-        value = self.text_column
-        return [str(c) for c in value] if isinstance(value, list | tuple) else [str(value)]
-
-    def label_columns(self) -> list[str]:
-        return label_columns(self.label_column)
-
-    def has_header(self) -> bool:
-        return self.header if self.header is not None else self.column_names is None
-
-
-def peek_columns(path: Path, fmt: str, encoding: str) -> list[str]:
-    """A table's column names without reading it all (none for a file that is not a table, e.g. an image)."""
-    try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return list(pq.read_schema(path).names)
-        text = read_text_bytes(str(path), path, encoding).decode("utf-8")
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        if fmt == "jsonl":
-            record = json.loads(first)
-            return list(record) if isinstance(record, dict) else []
-        return next(csv.reader([first], delimiter="\t" if fmt == "tsv" else ","), [])
-    except (json.JSONDecodeError, OSError, ValueError):  # ConfigError (undecodable bytes) is a ValueError
-        return []
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
@@ -332,7 +192,6 @@ def encode_table(
     }
 
 
-@DATA.register("text_table", TextTableConfig)
 class TextTableDataModule(DataModule):
     """Train/val/test tables -> tokenised datasets; classes are ``label_names`` or the sorted unique train labels."""
 

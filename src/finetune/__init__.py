@@ -1,7 +1,6 @@
-"""Fine-tuning strategies: which layer groups train at which epoch, and how the backbone is initialised."""
+"""Fine-tuning strategies: which layer groups train at which epoch, and how the backbone is initialised. Each
+option's schema is registered in `src.finetune.config`; its module loads when built."""
 
-# Importing the modules registers them.
-from src.finetune import distill, lora, schedules, strategies  # noqa: E402,F401,I001
-from src.finetune.strategy import FINETUNE, Strategy
+from src.finetune.config import FINETUNE
 
-__all__ = ["FINETUNE", "Strategy"]
+__all__ = ["FINETUNE"]

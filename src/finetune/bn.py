@@ -18,27 +18,11 @@ BN layers in trainable groups are left as PyTorch has them (train mode, statisti
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from src.backbones.base import LayerGroup
-from src.schema import check
-
-
-@dataclass
-class BatchNormPolicy:
-    """Applied to BN layers of frozen layer groups only; the defaults freeze them completely (fastai's BnFreeze)."""
-
-    train_affine: bool = False
-    update_stats: bool = False
-    eval_mode: bool = True
-
-    def __post_init__(self) -> None:
-        check(
-            not (self.eval_mode and self.update_stats),
-            "bn.update_stats: eval_mode never updates running statistics; set one of them to false",
-        )
+from src.finetune.config import BatchNormPolicy
 
 
 def batch_norms(group: LayerGroup) -> Iterator[_BatchNorm]:

@@ -13,39 +13,25 @@ head) of the student / of the teacher.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from src.backbones import BACKBONES, Backbone, Preprocessing
+from src.backbones import BACKBONES
+from src.backbones.base import Backbone, Preprocessing
+from src.finetune.config import DistillConfig
 from src.finetune.init import resolve_checkpoint
-from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
+from src.finetune.strategy import Strategy
 from src.module import TEACHER_LOGITS, Head
-from src.schema import check
 from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DistillConfig(FinetuneConfig):
-    name: str = "distill"
-    teacher: str = MISSING  # MLflow run id or checkpoint file of a fine-tuned run (backbone + head weights)
-    teacher_backbone: dict[str, Any] | None = None  # the teacher's backbone config; None: from the run's config.yaml
-    temperature: float = 4.0
-    alpha: float = 0.5  # weight of the distillation term; cross-entropy gets 1 - alpha
-
-    def __post_init__(self) -> None:
-        check(self.temperature > 0, f"temperature: must be > 0; got {self.temperature}")
-        check(0 <= self.alpha <= 1, f"alpha: must be in [0, 1]; got {self.alpha}")
 
 
 class Classifier(nn.Module):
@@ -172,7 +158,6 @@ class TeacherReport(pl.Callback):
         self._log(trainer, evaluate(self.teacher, loader, pl_module.task, "teacher/test/", pl_module.device))
 
 
-@FINETUNE.register("distill", DistillConfig)
 class Distill(Strategy):
     """The student (the run's pretrained backbone + a new head) trains fully, from the teacher's soft labels and
     the true labels (`ce_weight = 1 - alpha`)."""

@@ -9,7 +9,6 @@ a plain backbone of the original architecture (loadable with `finetune.init_from
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import lightning.pytorch as pl
 from peft import LoraConfig, inject_adapter_in_model
@@ -19,28 +18,13 @@ from torch import nn
 from src.backbones.base import Backbone
 from src.backbones.groups import check_partition
 from src.finetune.bn import BatchNormPolicy, apply_bn_policy, hold_eval
-from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy, count_trainable
-from src.schema import check
+from src.finetune.config import LoraFinetuneConfig
+from src.finetune.strategy import Strategy, count_trainable
 
 log = logging.getLogger(__name__)
 
 # Attention projections by family, tried in order: BERT-like and ViT (HF), Llama/CLIP-like, DistilBERT.
 ATTENTION_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"))
-
-
-@dataclass
-class LoraFinetuneConfig(FinetuneConfig):
-    name: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: list[str] | None = None  # None: attention query/value if any, else every Conv2d/Linear
-
-    def __post_init__(self) -> None:
-        check(self.r >= 1, f"r: must be >= 1; got {self.r}")
-        check(self.alpha > 0, f"alpha: must be > 0; got {self.alpha}")
-        check(0 <= self.dropout < 1, f"dropout: must be in [0, 1); got {self.dropout}")
-        check(self.target_modules is None or len(self.target_modules) > 0, "target_modules: a non-empty list or null")
 
 
 def default_targets(backbone: nn.Module) -> list[str]:
@@ -109,7 +93,6 @@ class LoraSchedule(pl.Callback):
             log.info("lora: merged %d adapters into the base weights", merged)
 
 
-@FINETUNE.register("lora", LoraFinetuneConfig)
 class Lora(Strategy):
     """Base weights frozen (bit-identical after training), LoRA adapters + the new head train."""
 

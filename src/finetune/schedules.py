@@ -6,16 +6,13 @@ always trains. Each schedule is a pure function of the epoch, so resuming mid-sc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import lightning.pytorch as pl
 from mlflow.tracking import MlflowClient
 
 from src.backbones.base import Backbone
+from src.finetune.config import Milestone, MilestonesConfig
 from src.finetune.probe_fit import FitLinearProbe
-from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
-from src.schema import check
+from src.finetune.strategy import Strategy
 
 
 def top_groups(count: int, n_groups: int) -> set[int]:
@@ -25,16 +22,6 @@ def top_groups(count: int, n_groups: int) -> set[int]:
     return set(range(n_groups - count, n_groups))
 
 
-@dataclass
-class PartialConfig(FinetuneConfig):
-    name: str = "partial"
-    k: int = 1  # the first k groups (input side) stay frozen
-
-    def __post_init__(self) -> None:
-        check(self.k >= 0, f"k: must be >= 0; got {self.k}")
-
-
-@FINETUNE.register("partial", PartialConfig)
 class Partial(Strategy):
     """Shallow, generic layers frozen for the whole run; the deeper groups and the head train."""
 
@@ -44,18 +31,6 @@ class Partial(Strategy):
         return set(range(self.cfg.k, n_groups))
 
 
-@dataclass
-class GradualUnfreezeConfig(FinetuneConfig):
-    name: str = "gradual_unfreeze"
-    every_n_epochs: int = 1  # epochs between two unfreezing steps
-    groups_per_step: int = 1  # layer groups unfrozen at each step
-
-    def __post_init__(self) -> None:
-        check(self.every_n_epochs >= 1, f"every_n_epochs: must be >= 1; got {self.every_n_epochs}")
-        check(self.groups_per_step >= 1, f"groups_per_step: must be >= 1; got {self.groups_per_step}")
-
-
-@FINETUNE.register("gradual_unfreeze", GradualUnfreezeConfig)
 class GradualUnfreeze(Strategy):
     """ULMFiT (Howard & Ruder 2018): the head alone first, then `groups_per_step` more groups from the top every
     `every_n_epochs` epochs, until everything trains."""
@@ -65,29 +40,6 @@ class GradualUnfreeze(Strategy):
         return top_groups(min(n_groups, steps * self.cfg.groups_per_step), n_groups)
 
 
-@dataclass
-class Milestone:
-    epoch: int = 0
-    unfreeze: Any = "all"  # a count of groups from the top, a list of group names, or "all"
-
-    def __post_init__(self) -> None:
-        check(self.epoch >= 0, f"milestones.epoch: must be >= 0; got {self.epoch}")
-        u = self.unfreeze
-        valid = (
-            u == "all"
-            or (isinstance(u, int) and not isinstance(u, bool) and u >= 0)
-            or (isinstance(u, list) and all(isinstance(name, str) for name in u))
-        )
-        check(valid, f"milestones.unfreeze: a count >= 0, a list of layer-group names or 'all'; got {u!r}")
-
-
-@dataclass
-class MilestonesConfig(FinetuneConfig):
-    name: str = "milestones"
-    milestones: list[Milestone] = field(default_factory=lambda: [Milestone(0, 1), Milestone(2, "all")])
-
-
-@FINETUNE.register("milestones", MilestonesConfig)
 class Milestones(Strategy):
     """Explicit schedule: from each milestone's epoch on, its groups train too (unfreezing is cumulative); before
     the first milestone only the head trains."""
@@ -121,24 +73,6 @@ class Milestones(Strategy):
         return set().union(*(self._groups(m, n_groups) for m in reached))
 
 
-@dataclass
-class LpFtConfig(FinetuneConfig):
-    name: str = "lp_ft"
-    probe_epochs: int = 1  # epochs of linear probing (backbone frozen) before fine-tuning everything
-    probe_lr_scale: float = 10.0  # multiplies the head's LR while probing (a linear probe wants a larger LR)
-    ft_lr_scale: float = 0.5  # multiplies the backbone groups' LRs from the first fine-tuning epoch on
-    restart_schedule: bool = True  # fine-tuning gets its own warmup + decay (two runs, as in the paper)
-    probe_fit: bool = False  # before training, fit the head by logistic regression on features extracted once
-    probe_l2: float = 1.0e-3  # probe_fit: L2 penalty on the head weights (added to the mean cross-entropy)
-
-    def __post_init__(self) -> None:
-        check(self.probe_epochs >= 0, f"probe_epochs: must be >= 0; got {self.probe_epochs}")
-        check(self.probe_l2 >= 0, f"probe_l2: must be >= 0; got {self.probe_l2}")
-        check(self.probe_lr_scale > 0, f"probe_lr_scale: must be > 0; got {self.probe_lr_scale}")
-        check(self.ft_lr_scale > 0, f"ft_lr_scale: must be > 0; got {self.ft_lr_scale}")
-
-
-@FINETUNE.register("lp_ft", LpFtConfig)
 class LpFt(Strategy):
     """LP-FT (Kumar et al. 2022): probe first, so fine-tuning starts from a fitted head and distorts the pretrained
     features less; then fine-tune the whole network with the backbone at a lower LR. The probe is `probe_epochs`

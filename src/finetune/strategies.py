@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from src.finetune.strategy import FINETUNE, FinetuneConfig, Strategy
-from src.schema import check
+from src.finetune.strategy import Strategy
 
 
-@FINETUNE.register("full", FinetuneConfig)
 class Full(Strategy):
     """Every layer group trains from the first step."""
 
 
-@FINETUNE.register("linear_probe", FinetuneConfig)
 class LinearProbe(Strategy):
     """Backbone frozen (no gradients computed through it); only the new head trains."""
 
@@ -23,13 +18,6 @@ class LinearProbe(Strategy):
         return set()
 
 
-@dataclass
-class ScratchConfig(FinetuneConfig):
-    def __post_init__(self) -> None:
-        check(self.init_from is None, f"init_from: scratch trains from random init; got {self.init_from!r}")
-
-
-@FINETUNE.register("scratch", ScratchConfig)
 class Scratch(Strategy):
     """Same architecture, random init, everything trains: the baseline transfer is judged against."""
 

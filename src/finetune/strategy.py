@@ -17,8 +17,6 @@ frozen before wrapping and needs neither.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from mlflow.tracking import MlflowClient
@@ -28,21 +26,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from src.backbones.base import Backbone, LayerGroup
 from src.finetune.bn import BatchNormPolicy, apply_bn_policy, hold_eval
+from src.finetune.config import FinetuneConfig
 from src.module import LossTerm
-from src.registry import Registry
 from src.schema import ConfigError, blame
-
-
-@dataclass
-class FinetuneConfig:
-    """Fields every strategy has. `lr`: what `optim.lr` defaults to (a head on frozen features needs a far higher LR
-    than fine-tuning a pretrained network); `init_from`: a checkpoint path or MLflow run id to start the backbone from;
-    `bn`: what batch-norm layers inside frozen layer groups do (see `src.finetune.bn`)."""
-
-    name: str = "full"
-    lr: float | None = None  # optim.lr's default under this strategy (YAML: the backbone's, or the strategy's own)
-    init_from: str | None = None
-    bn: BatchNormPolicy = field(default_factory=BatchNormPolicy)
 
 
 class Strategy:
@@ -102,9 +88,6 @@ class Strategy:
                 f"finetune={self.cfg.name}: no layer group trains within trainer.max_epochs={epochs}, so the run "
                 "would be a linear probe; unfreeze earlier, raise trainer.max_epochs, or use finetune=linear_probe"
             )
-
-
-FINETUNE: Registry[Strategy] = Registry("finetune")
 
 
 def set_trainable(groups: list[LayerGroup], trainable: set[int]) -> None:

@@ -5,38 +5,12 @@ jitter) and text (token dropout). Applied by `TransferModule` to training batche
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from src.backbones.base import Preprocessing
-from src.schema import check
-
-
-@dataclass
-class AugmentConfig:
-    hflip: float = 0.0  # image: probability of a horizontal flip per sample
-    crop_scale: list[float] | None = None  # image: random-resized-crop area range [min, max] of the image; null = off
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # image: crop aspect-ratio range
-    color_jitter: float = 0.0  # image: brightness/contrast/saturation factors drawn from [1 - s, 1 + s]; 0 = off
-    token_dropout: float = 0.0  # text: probability of replacing each non-special token by [MASK] (else pad); 0 = off
-
-    def __post_init__(self) -> None:
-        check(0 <= self.hflip <= 1, f"augment.hflip: must be in [0, 1]; got {self.hflip}")
-        scale = self.crop_scale
-        check(
-            scale is None or (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1),
-            f"augment.crop_scale: [min, max] with 0 < min <= max <= 1, or null; got {scale}",
-        )
-        ratio = self.crop_ratio
-        check(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], f"augment.crop_ratio: [min, max] > 0; got {ratio}")
-        check(0 <= self.color_jitter < 1, f"augment.color_jitter: must be in [0, 1); got {self.color_jitter}")
-        check(0 <= self.token_dropout < 1, f"augment.token_dropout: must be in [0, 1); got {self.token_dropout}")
-
-    @property
-    def image_enabled(self) -> bool:
-        return self.hflip > 0 or self.crop_scale is not None or self.color_jitter > 0
+from src.regularization.config import AugmentConfig
 
 
 def _uniform(n: int, low: float, high: float, device: torch.device) -> torch.Tensor:

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
-from src.schema import check
-
-
-@dataclass
-class EMAConfig:
-    decay: float | None = None  # EMA decay per optimizer step, e.g. 0.99; null = off
-    start_step: int = 0  # first optimizer step averaged (validation before it sees the initial weights)
-    every_n_steps: int = 1  # update the average every n optimizer steps
-
-    def __post_init__(self) -> None:
-        check(self.decay is None or 0 < self.decay < 1, f"ema.decay: must be in (0, 1) or null; got {self.decay}")
-        check(self.start_step >= 0, f"ema.start_step: must be >= 0; got {self.start_step}")
-        check(self.every_n_steps >= 1, f"ema.every_n_steps: must be >= 1; got {self.every_n_steps}")
+from src.regularization.config import EMAConfig
 
 
 class EMA(EMAWeightAveraging):

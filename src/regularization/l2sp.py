@@ -7,24 +7,10 @@ paper, where L2-SP *replaces* plain decay on the pretrained layers: decaying tow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning.pytorch as pl
 import torch
 
 from src.regularization.reference import PretrainedReference
-from src.schema import check
-
-
-@dataclass
-class L2SPConfig:
-    alpha: float = 0.0  # weight of ||w - w0||^2 on the backbone; 0 = off
-    beta: float = 0.0  # weight of ||w||^2 on the new head; 0 = off
-    keep_weight_decay: bool = False  # with alpha > 0: also keep weight_decay (towards 0) on the backbone groups
-
-    def __post_init__(self) -> None:
-        check(self.alpha >= 0, f"l2_sp.alpha: must be >= 0; got {self.alpha}")
-        check(self.beta >= 0, f"l2_sp.beta: must be >= 0; got {self.beta}")
 
 
 class L2SP:

@@ -6,34 +6,10 @@ where `label_smoothing` still applies (torch smooths probability targets too).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from src.schema import check
+from src.regularization.config import MixupConfig
 from src.tasks.base import Task
-
-
-@dataclass
-class MixupConfig:
-    prob: float = 0.0  # probability that a training batch is mixed; 0 = off
-    mixup_alpha: float = 0.2  # Beta(a, a) of the mixup coefficient; 0 = no mixup (cutmix only)
-    cutmix_alpha: float = 0.0  # Beta(a, a) of the cutmix area; 0 = no cutmix
-    switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup for a batch
-
-    def __post_init__(self) -> None:
-        check(0 <= self.prob <= 1, f"mixup.prob: must be in [0, 1]; got {self.prob}")
-        check(self.mixup_alpha >= 0, f"mixup.mixup_alpha: must be >= 0; got {self.mixup_alpha}")
-        check(self.cutmix_alpha >= 0, f"mixup.cutmix_alpha: must be >= 0; got {self.cutmix_alpha}")
-        check(0 <= self.switch_prob <= 1, f"mixup.switch_prob: must be in [0, 1]; got {self.switch_prob}")
-        check(
-            self.prob == 0 or self.mixup_alpha > 0 or self.cutmix_alpha > 0,
-            "mixup.prob > 0 needs mixup_alpha > 0 or cutmix_alpha > 0",
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.prob > 0
 
 
 def _beta(alpha: float) -> float:

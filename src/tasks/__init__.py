@@ -1,11 +1,6 @@
-"""Tasks: what a run predicts (`task=classification|multilabel|regression`); one registered module each."""
+"""Tasks: what a run predicts (`task=classification|multilabel|regression`); one registered module each. Each
+option's schema is registered in `src.tasks.config`; its module loads when built."""
 
-from src.registry import Registry
-from src.tasks.base import Task
+from src.tasks.config import TASKS
 
-TASKS: Registry[Task] = Registry("task")
-
-# Importing the modules registers them.
-from src.tasks import classification, multilabel, regression  # noqa: E402,F401
-
-__all__ = ["TASKS", "Task"]
+__all__ = ["TASKS"]

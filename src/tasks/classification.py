@@ -13,9 +13,7 @@ from torchmetrics import AUROC, Accuracy, F1Score, MetricCollection, Precision, 
 from torchmetrics.functional import confusion_matrix
 
 from src.schema import ConfigError
-from src.tasks import TASKS
 from src.tasks.base import Cell, LabelFormat, Task, as_float, as_int, keep_valid, sorted_labels
-from src.tasks.config import ClassificationConfig
 
 ONE_CLASS_SHARE = 0.999  # share of validation predictions in one class that counts as a collapse
 
@@ -120,7 +118,6 @@ class ClassCodec:
         return rows, labels[rows]
 
 
-@TASKS.register("classification", ClassificationConfig)
 class Classification(Task):
     name = "classification"
     collapse_metric = "majority_share"

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from src.registry import Registry
 from src.schema import check, check_choice
+
+TASKS: Registry[Any] = Registry("task")
 
 
 @dataclass
@@ -28,6 +31,7 @@ class TaskConfig:
         check_choice(self.direction, "direction", ("maximize", "minimize"))
 
 
+@TASKS.register("classification", "src.tasks.classification:Classification")
 @dataclass
 class ClassificationConfig(TaskConfig):
     name: str = "classification"
@@ -35,6 +39,7 @@ class ClassificationConfig(TaskConfig):
     METRICS: ClassVar[tuple[str, ...]] = ("acc", "precision", "recall", "f1", "auroc", "loss", "majority_share")
 
 
+@TASKS.register("multilabel", "src.tasks.multilabel:Multilabel")
 @dataclass
 class MultilabelConfig(TaskConfig):
     name: str = "multilabel"
@@ -65,6 +70,7 @@ class MultilabelConfig(TaskConfig):
         return self.threshold == "tune"
 
 
+@TASKS.register("regression", "src.tasks.regression:Regression")
 @dataclass
 class RegressionConfig(TaskConfig):
     name: str = "regression"

@@ -20,7 +20,6 @@ from torchmetrics.functional.classification import (
 )
 
 from src.schema import ConfigError
-from src.tasks import TASKS
 from src.tasks.base import Cell, LabelFormat, Task, as_float, keep_valid
 from src.tasks.classification import LabelIndex
 from src.tasks.config import MultilabelConfig
@@ -117,7 +116,6 @@ class TagCodec:
         return rows, targets[rows]
 
 
-@TASKS.register("multilabel", MultilabelConfig)
 class Multilabel(Task):
     name = "multilabel"
     empty_label = True

@@ -13,7 +13,6 @@ from torch import nn
 from torchmetrics.functional import pearson_corrcoef, r2_score, spearman_corrcoef
 
 from src.schema import ConfigError
-from src.tasks import TASKS
 from src.tasks.base import Cell, LabelFormat, Task, as_float, keep_valid
 from src.tasks.config import RegressionConfig
 
@@ -41,7 +40,6 @@ class NumberCodec:
         return keep, targets[keep]
 
 
-@TASKS.register("regression", RegressionConfig)
 class Regression(Task):
     name = "regression"
     collapse_metric = "std_ratio"

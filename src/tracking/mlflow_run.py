@@ -34,23 +34,12 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
-from src.config import TrackingConfig
+from src.config import TrackingConfig, resolve_uri
 from src.signals import STOP, Stopped
 from src.tracking.liveness import Heartbeat, process_tags, reap_dead_runs
 from src.tracking.plots import plt
 
 MAX_PARAM_LENGTH = 6000
-
-
-def resolve_uri(uri: str, base: Path) -> str:
-    """Make a relative sqlite/file store absolute against `base` (the launch directory)."""
-    for scheme in ("sqlite:///", "file:"):
-        if uri.startswith(scheme):
-            path = uri[len(scheme) :]
-            if path and not Path(path).is_absolute():
-                return f"{scheme}{(base / path).resolve()}"
-            return uri
-    return uri if "://" in uri else str((base / uri).resolve())
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
