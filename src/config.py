@@ -163,6 +163,26 @@ class CacheConfig:
             raise ValueError(f"max_memory_gb: must be > 0 or null (no bound), got {self.max_memory_gb}")
 
 
+@dataclass
+class CVConfig:
+    """k-fold cross-validation (`cv.folds=k cv.fold=i`): the validation split is fold i of k seeded, stratified
+    folds of the training data, the rest trains; the test split is untouched. `-m cv.fold=range(k)` runs them all,
+    and `src.compare` treats folds as replicates, paired by fold."""
+
+    folds: int | None = None  # None: no cross-validation (a val_fraction of train, or the given val split)
+    fold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds is None:
+            check(self.fold == 0, f"fold: {self.fold} given without cv.folds (set cv.folds=k)")
+            return
+        check(self.folds >= 2, f"folds: must be >= 2 or null; got {self.folds}")
+        check(
+            0 <= self.fold < self.folds,
+            f"fold: must be in 0..{self.folds - 1} (cv.folds={self.folds}); got {self.fold}",
+        )
+
+
 FIXED_GROUPS: dict[str, type] = {
     "objective": Objective,
     "optim": OptimConfig,
@@ -188,6 +208,7 @@ class RunConfig:
     trainer: dict[str, Any]
     tracking: TrackingConfig
     cache: CacheConfig
+    cv: CVConfig
     ckpt_path: str | None
     resume: str | None  # a run id or "last": continue that stopped run (src.tracking.resume)
     extra: dict[str, Any]  # other top-level keys, e.g. a sweep's settings, passed through untouched
@@ -253,7 +274,14 @@ def validate(cfg: DictConfig) -> RunConfig:
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")
-    known = {*registries, *FIXED_GROUPS, "trainer", "seed", "ckpt_path", "resume"}
+    # Optional, so that the stored configs of runs made before k-fold existed still validate (resume, evaluate).
+    cv = _parse("cv", lambda: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CVConfig), cfg.get("cv", {}))))
+    if cv.folds is not None and (given := getattr(parsed["data"], "val_source", lambda: None)()) is not None:
+        raise ConfigError(
+            f"cv.folds: draws each validation fold from the training data, but {given} is set; drop it (or merge "
+            "it into the training data) to cross-validate"
+        )
+    known = {*registries, *FIXED_GROUPS, "trainer", "seed", "ckpt_path", "resume", "cv"}
     extra = {k: cfg[k] for k in cfg if k not in known}
     return RunConfig(
         seed=seed,
@@ -261,5 +289,6 @@ def validate(cfg: DictConfig) -> RunConfig:
         ckpt_path=cfg.get("ckpt_path"),
         resume=None if cfg.get("resume") is None else str(cfg.get("resume")),
         extra=extra,
+        cv=cv,
         **parsed,
     )

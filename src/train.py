@@ -58,7 +58,7 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         strategy = FINETUNE.build(raw.finetune, client=tracker.client)
         backbone = build.backbone(cfg, raw, strategy, tracker.client)
         task = TASKS.build(raw.task)
-        datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed, task=task)
+        datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed, task=task, cv=cfg.cv)
         datamodule.setup("fit")  # binds the task: its outputs, and what it learns from the training targets
         adapter = ADAPT.build(raw.adapt, feature_dim=backbone.feature_dim, num_classes=task.num_outputs)
         datamodule.target_role = adapter.target_role

@@ -13,8 +13,9 @@ from src.compare.runs import RunRecord, Selection
 from src.compare.stats import Estimate, difference, mean_interval
 from src.schema import ConfigError
 
-# Never a grouping key: replication (seed), where results go, and knobs that cannot change a result.
-IGNORED = {"seed", "ckpt_path", "backbone.cache_dir", "data.num_workers"}
+# Never a grouping key: replication (seed, cross-validation fold), where results go, and knobs that cannot change a
+# result.
+IGNORED = {"seed", "cv.fold", "ckpt_path", "backbone.cache_dir", "data.num_workers"}
 IGNORED_PREFIXES = ("tracking.", "sweep.", "hydra.", "trainer.enable_", "trainer.log_every_n_steps")
 GROUP_TAGS = ("data", "backbone", "finetune")  # the options users pick; shown before any other key
 # The training-set size axis, first varying one wins (override with size=KEY).
@@ -81,10 +82,14 @@ class Group:
         return ", ".join(f"{k}={self.values[k]}" for k in keys) or "all runs"
 
     def by_seed(self, compared: str) -> dict:
-        """Compared metric per seed; runs without a seed or with a repeated one get their own key (never paired)."""
+        """Compared metric per replicate: the seed, or (seed, fold) under k-fold, so differences pair by fold (the
+        fold fixes the validation examples) and by seed; runs without a seed or with a repeated key get their own
+        key (never paired)."""
         out: dict = {}
         for r in self.runs:
-            key = r.seed if r.seed is not None and r.seed not in out else ("run", r.run_id)
+            fold = r.value("cv.fold") if r.value("cv.folds") is not None else None
+            replicate = r.seed if fold is None else (r.seed, fold)
+            key = replicate if r.seed is not None and replicate not in out else ("run", r.run_id)
             out[key] = getattr(r, compared)
         return out
 

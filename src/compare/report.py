@@ -211,13 +211,14 @@ def build(comparison: Comparison, out: Path, title: str, rec: Recommendation | N
     header, rows = table_rows(comparison)
     excluded = ", ".join(f"{n} {why}" for why, n in sorted(sel.excluded.items())) or "none"
     direction = "higher" if sel.maximize else "lower"
+    replicates = "seeds and cv folds" if any(r.value("cv.folds") for r in sel.runs) else "seeds"
     lines = [
         f"# {title}",
         "",
         f"{len(sel.runs)} runs in {len(comparison.groups)} groups by {', '.join(comparison.keys) or '(none)'}; "
-        f"seeds are replicates. Compared: `{sel.metric}` ({direction} is better; val = the best validation value of "
-        f"each run, test = its best checkpoint). Intervals: {comparison.confidence:.0%} Student t; "
-        "Δ vs best is paired by seed when both groups ran the same seeds, else Welch; "
+        f"{replicates} are replicates. Compared: `{sel.metric}` ({direction} is better; val = the best validation "
+        f"value of each run, test = its best checkpoint). Intervals: {comparison.confidence:.0%} Student t; "
+        "Δ vs best is paired by seed (and fold) when both groups ran the same ones, else Welch; "
         "within noise = the interval of Δ contains 0.",
         "",
         f"Excluded runs: {excluded}. {time_line(sel.runs)}",

@@ -22,6 +22,7 @@ from src.tasks.base import labels_digest
 
 if TYPE_CHECKING:  # runtime import would cycle: backbones (small_cnn) import src.data.digits
     from src.backbones.base import Preprocessing
+    from src.config import CVConfig
     from src.tasks.base import Task
 
 
@@ -56,6 +57,26 @@ def fraction_split(labels: Sequence[Hashable], fraction: float, seed: int) -> tu
     """Seeded stratified ``(train, val)`` indices; every class with >= 2 samples keeps >= 1 on each side."""
     val, train = stratified_split(labels, lambda n: [min(max(round(n * fraction), 1), n - 1)], seed)
     return train, val
+
+
+def fold_split(labels: Sequence[Hashable], folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified ``(train, val)`` indices for fold ``fold`` of ``folds``: each stratum is permuted once
+    (the same for every fold) and dealt into near-equal parts, so the folds are disjoint, cover the data and keep
+    every stratum's share."""
+    labels_arr = np.asarray(labels)
+    smallest = min(int((labels_arr == label).sum()) for label in set(labels_arr.tolist()))
+    if smallest < folds:
+        raise ConfigError(
+            f"cv.folds: {folds} folds, but the training data's smallest stratum (a class, rarest tag or target bin) "
+            f"has only {smallest} example(s); every fold needs one of each: use cv.folds <= {smallest}"
+        )
+
+    def sizes(n: int) -> list[int]:
+        return [n // folds + (i < n % folds) for i in range(folds - 1)]
+
+    parts = stratified_split(labels, sizes, seed)
+    val = parts[fold]
+    return np.setdiff1d(np.arange(len(labels_arr)), val), val
 
 
 class Unlabelled(Dataset):
@@ -98,7 +119,9 @@ class DataModule(pl.LightningDataModule):
     # How samples are batched and stored, not what they are: left out of `identity`.
     NOT_SAMPLES = ("batch_size", "eval_batch_size", "num_workers", "cache", "cache_dir")
 
-    def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, seed: int, task: Task) -> None:
+    def __init__(
+        self, cfg: DataConfig, preprocessing: Preprocessing, seed: int, task: Task, cv: CVConfig | None = None
+    ) -> None:
         if preprocessing.modality != self.modality:
             raise ValueError(
                 f"data '{cfg.name}' produces {self.modality} inputs but the backbone expects "
@@ -109,6 +132,7 @@ class DataModule(pl.LightningDataModule):
         self.preprocessing = preprocessing
         self.seed = seed
         self.task = task
+        self.cv = cv if cv is not None and cv.folds is not None else None
         self.names: list[str] = []
         self.label_mapping: dict[str, int] = {}
         self._splits: dict[str, Dataset] = {}
@@ -148,12 +172,26 @@ class DataModule(pl.LightningDataModule):
             "classes": self.names,
             "labels": labels,
             "seed": self.seed,
+            **({} if self.cv is None else {"cv": [self.cv.folds, self.cv.fold]}),  # absent: old keys stay valid
         }
 
     @property
     def splits(self) -> dict[str, Dataset]:
         """The datasets by split name (after `setup`); the feature cache replaces or wraps them."""
         return self._splits
+
+    def val_split(self, strata: Sequence[Hashable], fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(train, val)`` indices into the training data (given by its strata), train already subset by
+        ``train_indices``. Cross-validating, the folds are cut from the subset (k-fold on 64 examples per class
+        validates on a fifth of those, not of the whole table); otherwise validation is a seeded stratified
+        ``fraction`` of the whole table, fixed while the training subset varies (learning curves)."""
+        labels = np.asarray(strata)
+        if self.cv is not None:
+            pool = self.train_indices(labels)
+            train, val = fold_split(labels[pool], self.cv.folds, self.cv.fold, self.seed)
+            return pool[train], pool[val]
+        train, val = fraction_split(labels, fraction, self.seed)
+        return train[self.train_indices(labels[train])], val
 
     def train_indices(self, labels: Sequence[Hashable]) -> np.ndarray:
         """Indices into a training split (given by its strata: classes, rarest tags, target bins) of its seeded
@@ -179,7 +217,7 @@ class DataModule(pl.LightningDataModule):
             with blame(f"data ({self.cfg.name})"):
                 splits, names = self._build()
         except ConfigError as e:  # readers name their key (train_path: ...); the user knows it as data.<key>
-            raise ConfigError(str(e) if str(e).startswith("data") else f"data.{e}") from e
+            raise ConfigError(str(e) if str(e).startswith(("data", "cv.")) else f"data.{e}") from e
         for split, dataset in splits.items():
             if len(dataset) == 0:
                 raise ConfigError(f"data ({self.cfg.name}): the {split} split is empty")

@@ -46,6 +46,10 @@ class DataConfig:
         override this)."""
         return False
 
+    def val_source(self) -> str | None:
+        """The key that gives the validation split explicitly (k-fold needs it drawn from train), or None."""
+        return None
+
 
 def check_path(key: str, path: str | None, directory: bool = False) -> None:
     """Fail at config validation, before any model is loaded, when an input file/folder is missing."""
@@ -163,6 +167,9 @@ class DigitsConfig(DataConfig):
                 f"target_shift: must be one of {', '.join(TARGET_SHIFTS)} or null, got {self.target_shift!r}"
             )
 
+    def val_source(self) -> str | None:
+        return "data.val_per_class (digits draws its own validation images)"
+
     @property
     def has_target(self) -> bool:
         return self.target_shift is not None
@@ -220,6 +227,9 @@ class ImageFolderConfig(ImageConfig):
                 )
         if self.label_names is not None:
             read_label_names("label_names", self.label_names)
+
+    def val_source(self) -> str | None:
+        return "data.val_dir" if self.val_dir is not None else None
 
     @property
     def has_target(self) -> bool:
@@ -306,6 +316,10 @@ class TextTableConfig(DataConfig):
         if self.max_length < 1:
             raise ValueError(f"max_length: must be >= 1, got {self.max_length}")
 
+    def val_source(self) -> str | None:
+        given = [f"data.{k}" for k in ("val_path", "val_split") if getattr(self, k) is not None]
+        return given[0] if given else None
+
     @property
     def has_target(self) -> bool:
         return self.target_path is not None
@@ -384,3 +398,6 @@ class ImageManifestConfig(ImageConfig):
                 infer_format(key, getattr(self, key), self.format)
         check_path("image_root", self.image_root, directory=True)
         check_label_keys(self)
+
+    def val_source(self) -> str | None:
+        return "data.val_path" if self.val_path is not None else None

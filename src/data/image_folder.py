@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from src.cache import Cache, file_digest, fingerprint
-from src.data.common import DataModule, fraction_split
+from src.data.common import DataModule
 from src.data.config import ImageFolderConfig, read_label_names
 from src.data.transforms import (
     CenterCrop,
@@ -36,6 +36,7 @@ from src.schema import ConfigError
 
 if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
     from src.backbones.base import Preprocessing
+    from src.config import CVConfig
     from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,10 @@ class ImageFolderDataModule(DataModule):
     modality = "image"
     cfg: ImageFolderConfig
 
-    def __init__(self, cfg: ImageFolderConfig, preprocessing: Preprocessing, seed: int, task: Task) -> None:
-        super().__init__(cfg, preprocessing, seed, task)
+    def __init__(
+        self, cfg: ImageFolderConfig, preprocessing: Preprocessing, seed: int, task: Task, cv: CVConfig | None = None
+    ) -> None:
+        super().__init__(cfg, preprocessing, seed, task, cv)
         if preprocessing.channels not in (1, 3):
             raise ValueError(f"data '{cfg.name}' decodes 1 or 3 channels, backbone wants {preprocessing.channels}")
         mode = "L" if preprocessing.channels == 1 else "RGB"
@@ -216,12 +219,11 @@ class ImageFolderDataModule(DataModule):
         class_names, files, file_classes = self._files("train_dir")
         labels = np.array([class_names.index(name) for name in file_classes])
         if self.cfg.val_dir is None:
-            train_idx, val_idx = fraction_split(labels.tolist(), self.cfg.val_fraction, self.seed)
+            train_idx, val_idx = self.val_split(labels.tolist(), self.cfg.val_fraction)
             val = self._dataset([files[i] for i in val_idx], labels[val_idx].tolist(), train=False)
         else:
-            train_idx = np.arange(len(files))
+            train_idx = self.train_indices(labels.tolist())
             val = self._dataset(*self._scan("val_dir", class_names), train=False)
-        train_idx = train_idx[self.train_indices(labels[train_idx].tolist())]
         splits: dict[str, Dataset] = {
             "train": self._dataset([files[i] for i in train_idx], labels[train_idx].tolist(), train=True),
             "val": val,

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch.utils.data import Dataset
 
-from src.data.common import fraction_split
 from src.data.config import ImageManifestConfig, label_columns, read_label_names
 from src.data.image_folder import ImageFolderDataModule, shorter_side
 from src.data.tables import listed, read_table
@@ -86,12 +85,11 @@ class ImageManifestDataModule(ImageFolderDataModule):
         files, targets = labelled(train)
         strata = self.task.strata(targets)
         if cfg.val_path is None:
-            train_idx, val_idx = fraction_split(strata, cfg.val_fraction, self.seed)
+            train_idx, val_idx = self.val_split(strata, cfg.val_fraction)
             val = self._dataset([files[i] for i in val_idx], targets[val_idx], train=False)
         else:
-            train_idx = np.arange(len(files))
+            train_idx = self.train_indices(strata)
             val = self._dataset(*labelled(self._rows("val_path")), train=False)
-        train_idx = train_idx[self.train_indices(strata[train_idx])]
         splits: dict[str, Dataset] = {
             "train": self._dataset([files[i] for i in train_idx], targets[train_idx], train=True),
             "val": val,

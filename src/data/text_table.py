@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from transformers import DataCollatorWithPadding
 
 from src.cache import Cache, file_digest, fingerprint
-from src.data.common import DataModule, fraction_split
+from src.data.common import DataModule
 from src.data.config import PATH_KEYS, TARGET_KEYS, TextTableConfig, read_label_names
 from src.data.tables import (
     RawTable,
@@ -43,6 +43,7 @@ from src.tasks.base import LabelFormat, as_int
 
 if TYPE_CHECKING:  # no runtime import: src.backbones imports src.data
     from src.backbones.base import Preprocessing
+    from src.config import CVConfig
     from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,10 @@ class TextTableDataModule(DataModule):
     modality = "text"
     cfg: TextTableConfig
 
-    def __init__(self, cfg: TextTableConfig, preprocessing: Preprocessing, seed: int, task: Task) -> None:
-        super().__init__(cfg, preprocessing, seed, task)
+    def __init__(
+        self, cfg: TextTableConfig, preprocessing: Preprocessing, seed: int, task: Task, cv: CVConfig | None = None
+    ) -> None:
+        super().__init__(cfg, preprocessing, seed, task, cv)
         if preprocessing.tokenizer is None:
             raise ValueError(f"data '{cfg.name}' needs a tokenizer, but the backbone's preprocessing has none")
         self.collate_fn = DataCollatorWithPadding(preprocessing.tokenizer, return_tensors="pt")
@@ -295,11 +298,10 @@ class TextTableDataModule(DataModule):
         whole = labelled("train")
         strata = self.task.strata(whole.labels)
         if "val" in entries:
-            train_idx, val = np.arange(len(whole)), labelled("val")
+            train_idx, val = self.train_indices(strata), labelled("val")
         else:
-            train_idx, val_idx = fraction_split(strata, self.cfg.val_fraction, self.seed)
+            train_idx, val_idx = self.val_split(strata, self.cfg.val_fraction)
             val = whole.subset(val_idx)
-        train_idx = train_idx[self.train_indices(strata[train_idx])]
         splits: dict[str, Dataset] = {"train": whole.subset(train_idx), "val": val}
         for split in ("test", "target_test"):
             if split in entries:

@@ -64,6 +64,27 @@ def _note(table: str, n: int, metric: str) -> str:
     return head + "\n".join(lines)
 
 
+def _over_folds(finished: list[Run], metric: str) -> tuple[dict[str, float], str] | None:
+    """A k-fold grid (children that differ only in `cv.fold`, and maybe `seed`): the mean and t-interval of the
+    best validation (and test) value over its children, logged as `cv/mean/...` and `cv/ci_low|ci_high/...`."""
+    if len(finished) < 2 or any(r.data.params.get("cv.folds") in (None, "None") for r in finished):
+        return None
+    keys = set().union(*(r.data.params for r in finished))
+    if {k for k in keys if len({r.data.params.get(k) for r in finished}) > 1} - {"cv.fold", "seed"}:
+        return None
+    from src.compare.stats import mean_interval
+
+    metrics, parts = {}, []
+    for key in (best_metric(metric), test_metric(metric)):
+        values = [r.data.metrics[key] for r in finished if key in r.data.metrics]
+        if len(values) == len(finished):
+            est = mean_interval(values)
+            metrics |= {f"cv/mean/{key}": est.mean, f"cv/ci_low/{key}": est.low, f"cv/ci_high/{key}": est.high}
+            parts.append(f"{key} {est.mean:.4f} [{est.low:.4f}, {est.high:.4f}]")
+    line = f"  over {len(finished)} folds (mean, 95 % t-interval): " + " · ".join(parts)
+    return (metrics, line) if parts else None
+
+
 def summarize_children(parent: Any, metric: str, direction: str) -> int:
     """Log the children's table (summary.md, summary.csv) and best child on the parent `MLflowRun`, print the
     summary; returns how many children did not finish. The table is also the parent's description (the MLflow
@@ -96,6 +117,9 @@ def summarize_children(parent: Any, metric: str, direction: str) -> int:
         parent.set_tags({"best_run_id": best.info.run_id, "best_run_name": best.info.run_name})
         parent.log_metrics({best_metric(metric): value})
         lines.append(f"  best: {best.info.run_name} {metric} {value:.4f} (run {best.info.run_id})")
+    if over := _over_folds(finished, metric):
+        parent.log_metrics(over[0])
+        lines.append(over[1])
     lines.append(
         f"  table: summary.md in the parent run's artifacts ({client.get_run(parent.run_id).info.artifact_uri})"
     )
