@@ -276,7 +276,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"seed: must be a non-negative integer; got {seed!r}")
     # Optional, so that the stored configs of runs made before k-fold existed still validate (resume, evaluate).
     cv = _parse("cv", lambda: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CVConfig), cfg.get("cv", {}))))
-    if cv.folds is not None and (given := getattr(parsed["data"], "val_source", lambda: None)()) is not None:
+    if cv.folds is not None and (given := parsed["data"].val_source()) is not None:
         raise ConfigError(
             f"cv.folds: draws each validation fold from the training data, but {given} is set; drop it (or merge "
             "it into the training data) to cross-validate"
