@@ -73,6 +73,10 @@ class Backbone(nn.Module):
 
     feature_dim: int
     preprocessing: Preprocessing
+    # The classifier the weights were pretrained with, as (weight (Z, feature_dim), bias (Z,)) on the features; None
+    # without one. Plain tensors, not parameters: never trained, in no layer group, not in the state dict. The
+    # transferability scores NCE and LEEP read its predictions (src.rank).
+    source_classifier: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -92,3 +96,10 @@ class Backbone(nn.Module):
     def forward_from(self, cut: int, state: State) -> torch.Tensor:
         """The features, from the output of the first ``cut`` layer groups; after the last group, the state."""
         return state
+
+
+def check_depth(depth: int, groups: list[LayerGroup]) -> None:
+    """A `backbone.depth` beyond the backbone's layer groups names them, so the user sees what can be kept."""
+    if depth > len(groups):
+        names = ", ".join(g.name for g in groups)
+        raise ValueError(f"depth: {depth} layer groups asked, but the backbone has {len(groups)}: {names}")

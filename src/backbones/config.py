@@ -16,6 +16,12 @@ BACKBONES: Registry[Any] = Registry("backbone")
 VARIANTS = (0, 1, 2)
 
 
+def check_depth(depth: int | None) -> None:
+    """`depth` keeps the first `depth` layer groups (a truncated backbone is a candidate of its own: its features
+    are the pooled output of the last group kept); null keeps them all. The upper bound is checked when built."""
+    check(depth is None or depth >= 1, f"depth: must be >= 1 or null (every layer group); got {depth}")
+
+
 @BACKBONES.register("efficientnet_lite", "src.backbones.efficientnet_lite:build_efficientnet_lite")
 @dataclass
 class EfficientNetLiteConfig:
@@ -24,8 +30,15 @@ class EfficientNetLiteConfig:
     variant: int = 0  # 0 | 1 | 2 (input 224 / 240 / 260 px)
     drop_connect_rate: float = 0.2  # stochastic depth of the trainable blocks (the pretraining recipe's 0.2)
     bn_momentum: float = 0.1  # BN running-statistics momentum (torch convention; the TF pretraining used 0.01)
+    depth: int | None = None  # layer groups kept (stem, stages.0-6, head: 9); null = all
+
+    @property
+    def has_source_head(self) -> bool:
+        """The ImageNet classifier ships with the weights; it reads the head's 1,280-d features only."""
+        return self.depth is None
 
     def __post_init__(self) -> None:
+        check_depth(self.depth)
         check(self.variant in VARIANTS, f"variant: must be one of {', '.join(map(str, VARIANTS))}; got {self.variant}")
         check(0 <= self.drop_connect_rate < 1, f"drop_connect_rate: must be in [0, 1); got {self.drop_connect_rate}")
         check(0 < self.bn_momentum <= 1, f"bn_momentum: must be in (0, 1]; got {self.bn_momentum}")
@@ -49,9 +62,11 @@ class HFConfig:
     trust_remote_code: bool = False  # allow model code shipped with the checkpoint
     pooling: str = "cls"  # cls | mean (see HFBackbone.forward)
     image_size: int | None = None  # vision: override the input side length of the image processor config
+    depth: int | None = None  # BERT-likes: layer groups kept (embeddings, encoder.layer.i, pooler); null = all
 
     def __post_init__(self) -> None:
         check_pooling(self.pooling)
+        check_depth(self.depth)
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size: must be a positive integer or null, got {self.image_size}")
 
@@ -62,9 +77,11 @@ class MiniLMConfig:
     name: str = "minilm"
     lr: float | None = None  # the base LR optim.lr defaults to when this backbone trains (declared in its YAML)
     pooling: str = "mean"  # cls | mean; mean is what the sentence-transformers model was trained with
+    depth: int | None = None  # layer groups kept (embeddings, encoder.layer.0-5, pooler: 8); null = all
 
     def __post_init__(self) -> None:
         check_pooling(self.pooling)
+        check_depth(self.depth)
 
 
 PRETRAINS = ("digits",)
@@ -83,8 +100,15 @@ class SmallCNNConfig:
     pretrain_epochs: int = 10
     pretrain_seed: int = 0
     cache_dir: str | None = None  # None: $TRANSFER_LAB_CACHE or ~/.cache/transfer-lab
+    depth: int | None = None  # layer groups kept (stem, block.0, ...); null = all
+
+    @property
+    def has_source_head(self) -> bool:
+        """Pretraining's classifier over `pretrain_classes`, kept with the weights; it reads the full features."""
+        return self.pretrain is not None and self.depth is None
 
     def __post_init__(self) -> None:
+        check_depth(self.depth)
         if self.in_channels < 1:
             raise ValueError(f"in_channels: must be >= 1, got {self.in_channels}")
         if not self.channels or any(c < 1 for c in self.channels):

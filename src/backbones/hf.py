@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.masking_utils import create_bidirectional_mask
 
-from src.backbones.base import Backbone, LayerGroup, Preprocessing, State
+from src.backbones.base import Backbone, LayerGroup, Preprocessing, State, check_depth
 from src.backbones.config import HFConfig, check_pooling
 from src.backbones.groups import check_partition, module_layer_groups
 
@@ -100,6 +100,20 @@ class HFBackbone(Backbone):
         names = [g.name for g in self.layer_groups()]
         expected = ["embeddings", *(f"encoder.layer.{i}" for i in range(len(blocks)))]
         return blocks if names in (expected, [*expected, "pooler"]) else None
+
+    def truncate(self, depth: int) -> None:
+        """BERT-likes: keep the embeddings and the first `depth - 1` blocks (the pooler goes unless all are kept);
+        the features are the last kept block's hidden states, pooled as configured."""
+        blocks = self._text_blocks()
+        if blocks is None:
+            raise ValueError("depth: truncation is supported for BERT-like text models (embeddings + encoder.layer)")
+        groups = self.layer_groups()
+        check_depth(depth, groups)
+        if depth == len(groups):
+            return
+        self.model.encoder.layer = blocks[: depth - 1]
+        self.model.config.num_hidden_layers = depth - 1
+        self.model.pooler = None
 
     def cuts(self) -> set[int]:
         """BERT-likes also split after the embeddings and after every block: the state is the hidden states."""
@@ -197,6 +211,8 @@ def build_hf(cfg: HFConfig, pretrained: bool = True) -> HFBackbone:
         else:
             preprocessing = _image_preprocessing(cfg, config)
     backbone = HFBackbone(model, preprocessing, cfg.pooling)
+    if cfg.depth is not None:
+        backbone.truncate(cfg.depth)
     groups = backbone.layer_groups()
     check_partition(backbone, groups)
     weights = "pretrained" if pretrained else "random"

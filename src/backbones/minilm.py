@@ -18,4 +18,4 @@ def minilm_path() -> str:
 
 
 def build_minilm(cfg: MiniLMConfig, pretrained: bool = True) -> HFBackbone:
-    return build_hf(HFConfig(model=minilm_path(), pooling=cfg.pooling), pretrained=pretrained)
+    return build_hf(HFConfig(model=minilm_path(), pooling=cfg.pooling, depth=cfg.depth), pretrained=pretrained)

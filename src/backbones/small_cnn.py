@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.backbones.base import Backbone, LayerGroup, Preprocessing
+from src.backbones.base import Backbone, LayerGroup, Preprocessing, check_depth
 from src.backbones.config import SmallCNNConfig
 from src.backbones.groups import check_partition, module_layer_groups
 from src.cache import Cache, fingerprint
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # The rest of the pretraining recipe; part of the cache key, so changing it invalidates cached weights.
 RECIPE = {"lr": 3e-3, "batch_size": 64, "val_fraction": 0.2}
+ENTRY_FORMAT = 2  # 2: the entry also holds the source head (NCE/LEEP read it); part of the key
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -53,6 +54,12 @@ class SmallCNN(Backbone):
         )
         # Set when the weights come from digits pretraining: source accuracy, cache path, whether it was cached.
         self.pretrain_info: dict[str, Any] | None = None
+
+    def truncate(self, depth: int) -> None:
+        """Keep the first `depth` layer groups (stem, then blocks): the features are the last kept one's, pooled."""
+        check_depth(depth, self.layer_groups())
+        self.block = self.block[: depth - 1]
+        self.feature_dim = self._stages()[-1][0].out_channels
 
     def _stages(self) -> list[nn.Module]:
         return [self.stem, *self.block]  # = the layer groups, in order
@@ -85,7 +92,7 @@ class SmallCNN(Backbone):
 def _settings(cfg: SmallCNNConfig) -> dict[str, Any]:
     """Everything that determines the pretrained weights (the cache key)."""
     keep = ("in_channels", "channels", "image_size", "pretrain", "pretrain_classes", "pretrain_epochs", "pretrain_seed")
-    return {**{k: v for k, v in asdict(cfg).items() if k in keep}, "recipe": RECIPE}
+    return {**{k: v for k, v in asdict(cfg).items() if k in keep}, "recipe": RECIPE, "format": ENTRY_FORMAT}
 
 
 def weights_cache(cfg: SmallCNNConfig) -> tuple[Cache, str]:
@@ -105,8 +112,8 @@ def _source_data(net: SmallCNN, classes: list[int]) -> tuple[torch.Tensor, torch
     return torch.stack([transform(image) for image in images[keep]]), index_of[labels[keep]]
 
 
-def pretrain_on_digits(net: SmallCNN, cfg: SmallCNNConfig) -> float:
-    """Train ``net`` + a temporary linear head on the source classes; return held-out source accuracy.
+def pretrain_on_digits(net: SmallCNN, cfg: SmallCNNConfig) -> tuple[float, nn.Linear]:
+    """Train ``net`` + a linear head on the source classes; return held-out source accuracy and the head.
 
     Uses the global torch RNG, so the caller seeds it (and forks it, to leave the experiment's stream alone).
     """
@@ -127,7 +134,7 @@ def pretrain_on_digits(net: SmallCNN, cfg: SmallCNNConfig) -> float:
     with torch.no_grad():
         accuracy = (head(net({"pixel_values": x[val]})).argmax(dim=1) == y[val]).float().mean().item()
     net.train()
-    return accuracy
+    return accuracy, head
 
 
 def _load_or_pretrain(net: SmallCNN, cfg: SmallCNNConfig) -> dict[str, Any]:
@@ -135,15 +142,16 @@ def _load_or_pretrain(net: SmallCNN, cfg: SmallCNNConfig) -> dict[str, Any]:
 
     def pretrain() -> dict[str, Any]:
         start = time.perf_counter()
-        accuracy = pretrain_on_digits(net, cfg)
+        accuracy, head = pretrain_on_digits(net, cfg)
         log.info(
             "small_cnn: trained on digits %s for %d epochs in %.1fs, held-out source accuracy %.3f",
             *(cfg.pretrain_classes, cfg.pretrain_epochs, time.perf_counter() - start, accuracy),
         )
-        return {"state_dict": net.state_dict(), "source_accuracy": accuracy}
+        return {"state_dict": net.state_dict(), "source_accuracy": accuracy, "head": head.state_dict()}
 
     state = cache.get_or_compute(key, pretrain)
     net.load_state_dict(state["state_dict"])
+    net.source_classifier = (state["head"]["weight"], state["head"]["bias"])
     from_cache = cache.stats.hits > 0
     if from_cache:
         log.info("small_cnn: loaded %s-pretrained weights from cache %s", cfg.pretrain, cache.dir / key)
@@ -155,7 +163,8 @@ def _load_or_pretrain(net: SmallCNN, cfg: SmallCNNConfig) -> dict[str, Any]:
 
 
 def build_small_cnn(cfg: SmallCNNConfig, pretrained: bool = True) -> SmallCNN:
-    """Digits-pretrained weights (cached), or random init when ``pretrained=False`` or ``pretrain`` is null."""
+    """Digits-pretrained weights (cached), or random init when ``pretrained=False`` or ``pretrain`` is null; the
+    first ``depth`` layer groups of it when set (the source head then no longer applies)."""
     if not (pretrained and cfg.pretrain):
         net = SmallCNN(cfg.in_channels, cfg.channels, cfg.image_size)
     else:
@@ -164,5 +173,8 @@ def build_small_cnn(cfg: SmallCNNConfig, pretrained: bool = True) -> SmallCNN:
             torch.manual_seed(cfg.pretrain_seed)
             net = SmallCNN(cfg.in_channels, cfg.channels, cfg.image_size)
             net.pretrain_info = _load_or_pretrain(net, cfg)
+    if cfg.depth is not None:
+        net.truncate(cfg.depth)
+        net.source_classifier = None
     check_partition(net, net.layer_groups())
     return net
