@@ -170,14 +170,14 @@ def select(
         clauses.append(where)
     found = search(client, exp_id, " and ".join(clauses))
     parents = {r.data.tags.get(MLFLOW_PARENT_RUN_ID) for r in found}
-    # Not jobs: reports, sweep parents (Optuna's or a grid's), so they are not counted as exclusions either.
+    # Not jobs: reports, sweep parents (Optuna's or a grid's), rankings, so they are not counted as exclusions either.
     jobs = [
         r
         for r in found
         if REPORT_TAG not in r.data.tags
         and r.info.run_id not in parents
         and r.data.tags.get(ROLE_TAG) != "study"
-        and r.data.tags.get(GRID_ROLE_TAG) != "grid"
+        and r.data.tags.get(GRID_ROLE_TAG) not in ("grid", "rank")  # rank: src.rank's runs score, never train
     ]
     if not jobs:
         scope = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}"

@@ -1,0 +1,5 @@
+import sys
+
+from src.rank.cli import main
+
+sys.exit(main())
