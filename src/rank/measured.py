@@ -29,11 +29,7 @@ NOT_IDENTITY = {
 
 def identity(params: dict[str, str]) -> dict[str, str]:
     """The params that say which candidate on which data a run (or a rank candidate) is."""
-    return {
-        k: v
-        for k, v in params.items()
-        if k.startswith(("backbone.", "data.", "task.")) and k not in NOT_IDENTITY
-    }
+    return {k: v for k, v in params.items() if k.startswith(("backbone.", "data.", "task.")) and k not in NOT_IDENTITY}
 
 
 @dataclass
@@ -109,4 +105,3 @@ def check_agreement(measured: Measured, scores: dict[str, dict[str, float]], set
                 settings.resamples,
                 settings.confidence,
             )
-

@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from src.compare.report import fmt, fmt_ci, markdown_table  # noqa: E402
-from src.rank.measured import Measured, check_agreement  # noqa: E402
 from src.rank.config import RankSettings  # noqa: E402
+from src.rank.measured import Measured, check_agreement  # noqa: E402
 
 if TYPE_CHECKING:
     from src.rank.run import Scored
@@ -96,11 +96,22 @@ def measured_lines(measured: Measured, results: list[Scored], seconds: float, co
         lines += [markdown_table(["candidate", "n", "mean", "interval", "overlaps (unresolved)"], rows), ""]
         if strategy.agreement:
             rows = [
-                [s, fmt(a.tau, 3), f"[{fmt(a.tau_low, 3)}, {fmt(a.tau_high, 3)}]", fmt(a.rho, 3),
-                 f"[{fmt(a.rho_low, 3)}, {fmt(a.rho_high, 3)}]"]  # fmt: skip
+                [
+                    s,
+                    fmt(a.tau, 3),
+                    f"[{fmt(a.tau_low, 3)}, {fmt(a.tau_high, 3)}]",
+                    fmt(a.rho, 3),
+                    f"[{fmt(a.rho_low, 3)}, {fmt(a.rho_high, 3)}]",
+                ]  # fmt: skip
                 for s, a in sorted(strategy.agreement.items(), key=lambda kv: -kv[1].tau)
             ]
-            header = ["score", "weighted tau", f"{confidence:.0%} bootstrap", "Spearman rho", f"{confidence:.0%} bootstrap"]
+            header = [
+                "score",
+                "weighted tau",
+                f"{confidence:.0%} bootstrap",
+                "Spearman rho",
+                f"{confidence:.0%} bootstrap",
+            ]
             lines += [markdown_table(header, rows), ""]
         else:
             lines += ["Fewer than 3 candidates have both scores and runs: no rank correlation.", ""]
