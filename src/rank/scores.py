@@ -55,33 +55,51 @@ class Evidence:
 
 
 def logme_column(x: np.ndarray, y: np.ndarray, eigvals: np.ndarray, vecs: np.ndarray) -> Evidence:
-    """MacKay's fixed-point iteration for y ~ N(x w, 1/beta), w ~ N(0, 1/alpha) (the LogME paper's Algorithm 1),
-    run to convergence; `eigvals`, `vecs` are the eigen-decomposition of x^T x, shared by every column."""
+    """MacKay's fixed-point iteration for y ~ N(x w, 1/beta), w ~ N(0, 1/alpha) (the LogME paper's Algorithm 1)
+    run to convergence from several starting ratios alpha/beta, keeping the fixed point of highest evidence: with
+    more features than examples the evidence has more than one stationary point, and one start can end in the
+    degenerate one (w = 0, the features ignored). `eigvals`, `vecs`: the eigen-decomposition of x^T x, shared by
+    every column."""
     n, d = x.shape
     proj = vecs.T @ (x.T @ y)  # x^T y in the eigenbasis
-    alpha, beta = 1.0, 1.0
-    for _ in range(1000):
-        gamma = float((beta * eigvals / (alpha + beta * eigvals)).sum())
-        m = vecs @ (beta * proj / (alpha + beta * eigvals))
-        m2 = float(m @ m)
-        residual = float(((y - x @ m) ** 2).sum())
-        new_alpha, new_beta = gamma / max(m2, 1e-300), (n - gamma) / max(residual, 1e-300)
-        done = abs(new_alpha / new_beta - alpha / beta) <= 1e-8 * alpha / beta
-        alpha, beta = new_alpha, new_beta
-        if done:
-            break
-    m = vecs @ (beta * proj / (alpha + beta * eigvals))
-    m2, residual = float(m @ m), float(((y - x @ m) ** 2).sum())
-    # eigvals holds d values (zeros beyond rank): log|alpha I + beta x^T x| = sum log(alpha + beta * eigval).
-    evidence = (
-        d / 2 * np.log(alpha)
-        + n / 2 * np.log(beta)
-        - 0.5 * np.sum(np.log(alpha + beta * eigvals))
-        - beta / 2 * residual
-        - alpha / 2 * m2
-        - n / 2 * np.log(2 * np.pi)
-    )
-    return Evidence(alpha, beta, float(evidence / n))
+    yy = float(y @ y)
+
+    def fit(alpha: float, beta: float) -> tuple[float, float, float]:
+        """gamma, |m|^2 and |y - x m|^2 at the posterior mean m for these precisions."""
+        m = beta * proj / (alpha + beta * eigvals)  # in the eigenbasis: |m| and x m = (x vecs) m keep their values
+        residual = max(float(((y - x @ (vecs @ m)) ** 2).sum()), 1e-300)
+        return float((beta * eigvals / (alpha + beta * eigvals)).sum()), float(m @ m), residual
+
+    def evidence(alpha: float, beta: float) -> float:
+        _, m2, residual = fit(alpha, beta)
+        total = (
+            d * np.log(alpha)
+            + n * np.log(beta)
+            - np.sum(np.log(alpha + beta * eigvals))
+            - beta * residual
+            - alpha * m2
+            - n * np.log(2 * np.pi)
+        )
+        return float(total / 2 / n)
+
+    best: Evidence | None = None
+    scale = max(float(eigvals.mean()), 1e-12)
+    for ratio in (1e-6, 1e-4, 1e-2, 1.0, 1e2):
+        beta = n / max(yy, 1e-12)
+        alpha = ratio * scale * beta
+        for _ in range(1000):
+            gamma, m2, residual = fit(alpha, beta)
+            new_alpha, new_beta = gamma / max(m2, 1e-300), (n - gamma) / residual
+            done = abs(new_alpha / new_beta - alpha / beta) <= 1e-8 * alpha / beta
+            alpha, beta = new_alpha, new_beta
+            if done:
+                break
+        found = Evidence(alpha, beta, evidence(alpha, beta))
+        if np.isfinite(found.evidence) and (best is None or found.evidence > best.evidence):
+            best = found
+    if best is None:
+        raise FloatingPointError("LogME: no start converged to a finite evidence")
+    return best
 
 
 def logme(x: np.ndarray, targets: np.ndarray) -> float:
