@@ -181,6 +181,14 @@ def test_agreement_is_scipy_weighted_tau_oriented_by_direction() -> None:
             "candidates.a: backbone.depth: must be >= 1",
         ),
         (["preset=missing"], "preset: no conf/rank/missing.yaml"),
+        (
+            [
+                "overrides=[experiment=hymenoptera_effnet]",
+                "candidates.a=[backbone=efficientnet_lite0]",
+                "candidates.b=[backbone=efficientnet_lite1]",
+            ],
+            "candidates.a: data.hflip: ranking reads the training images once, unflipped",
+        ),
         (["bogus=1"], "bogus"),
     ],
 )
@@ -262,3 +270,50 @@ def test_end_to_end_digits_sources(tmp_path: Path, capsys: pytest.CaptureFixture
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Measured: finetune=linear_probe (val/acc, 6 runs)" in report
     assert "overlaps (unresolved)" in report and "weighted tau" in report
+
+
+def test_depth_keeps_the_first_layer_groups() -> None:
+    """A truncated backbone computes what the full one computes after that many groups, pooled; it has no source
+    head (the head reads the full features), and every cut it offers the feature cache agrees with its forward."""
+    import torch
+
+    from src.backbones import BACKBONES
+
+    images = {"pixel_values": torch.randn(2, 1, 8, 8)}
+    full, cut = BACKBONES.build({"name": "small_cnn"}).eval(), BACKBONES.build({"name": "small_cnn", "depth": 2}).eval()
+    assert [g.name for g in cut.layer_groups()] == ["stem", "block.0"] and cut.feature_dim == 32
+    assert cut.source_classifier is None and full.source_classifier[0].shape == (5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(cut(images), full.prefix_output(2, images).mean(dim=(2, 3)))
+        for c in cut.cuts():
+            torch.testing.assert_close(cut.forward_from(c, cut.prefix_output(c, images)), cut(images))
+    minilm = BACKBONES.build({"name": "minilm", "pooling": "cls"}).eval()
+    short = BACKBONES.build({"name": "minilm", "pooling": "cls", "depth": 3}).eval()
+    assert [g.name for g in short.layer_groups()] == ["embeddings", "encoder.layer.0", "encoder.layer.1"]
+    text = dict(short.preprocessing.tokenizer(["a fine film", "dull"], return_tensors="pt", padding=True))
+    with torch.no_grad():
+        hidden = minilm.model(**text, output_hidden_states=True).hidden_states[2]  # after embeddings + 2 layers
+        torch.testing.assert_close(short(text), hidden[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_small_cnn_source_head_is_the_pretraining_classifier() -> None:
+    """NCE/LEEP read the head the weights were pretrained with: it classifies the source digits."""
+    import torch
+
+    from src.backbones import BACKBONES
+    from src.backbones.small_cnn import _source_data
+
+    net = BACKBONES.build({"name": "small_cnn", "pretrain_classes": [0, 1, 2]}).eval()
+    x, y = _source_data(net, [0, 1, 2])
+    weight, bias = net.source_classifier
+    with torch.no_grad():
+        accuracy = ((net({"pixel_values": x}) @ weight.T + bias).argmax(dim=1) == y).float().mean()
+    assert accuracy > 0.9
+
+
+def test_a_truncated_backbone_fine_tunes(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    proc = run_cli(["backbone.depth=2", "finetune=full", "trainer.max_epochs=1", "tracking.log_model=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test/acc" in proc.stdout + proc.stderr

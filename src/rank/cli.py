@@ -59,6 +59,11 @@ def candidates(settings: RankSettings, launch_dir: Path) -> list[Candidate]:
             raw = compose(overrides)
             cfg = validate(raw)
             check_config(cfg, launch_dir)
+            if getattr(cfg.data, "hflip", False):
+                raise ConfigError(
+                    "data.hflip: ranking reads the training images once, unflipped; set data.hflip=false (runs of "
+                    "the candidate with flips still count as its measurements)"
+                )
         except ConfigError as e:
             raise ConfigError(f"candidates.{name}: {e}") from None
         out.append(Candidate(name, overrides, raw, cfg))
