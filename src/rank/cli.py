@@ -95,7 +95,7 @@ def chosen_scores(settings: RankSettings, pool: list[Candidate]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings_help = "\n".join(f"  {f.name}" for f in fields(RankSettings))
+    settings_help = "\n".join(f"  {f.name:<11} {f.metadata['help']}" for f in fields(RankSettings))
     parser = argparse.ArgumentParser(
         prog="python -m src.rank",
         description="Rank candidate backbones by transferability scores of their cached frozen features.",

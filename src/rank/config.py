@@ -85,18 +85,30 @@ class RankSettings:
     """What to rank, on what, and where the measured runs are. A preset (`conf/rank/<name>.yaml`) sets any of these;
     `key=value` options on the command line override it."""
 
-    preset: str | None = None  # conf/rank/<preset>.yaml, or a path to such a YAML
-    overrides: list[str] = field(default_factory=list)  # src.run overrides every candidate shares (data, task, ...)
-    candidates: dict[str, list[str]] = field(default_factory=dict)  # name -> src.run overrides (backbone=..., ...)
-    scores: list[str] | None = None  # None: every registered score that applies to the task and the candidates
-    uri: str = ""  # MLflow store; default: src.run's (sqlite:///mlflow.db in the launch directory)
-    experiment: str = ""  # where the rank runs go; default: src.run's experiment
-    measured: str | None = None  # experiment of the runs to check against; default: `experiment`
-    filter: str = ""  # an MLflow filter on the measured runs, e.g. "params.finetune.name = 'linear_probe'"
-    metric: str | None = None  # measured metric; default: the runs' objective (best val value); test/... on test
-    resamples: int = 1000  # bootstrap resamples of the runs for the tau/rho intervals
-    confidence: float = 0.95
-    out: str | None = None  # report folder; default reports/rank-<UTC time>
+    preset: str | None = field(default=None, metadata={"help": "conf/rank/<preset>.yaml, or a path to such a YAML"})
+    overrides: list[str] = field(
+        default_factory=list, metadata={"help": "src.run overrides every candidate shares: data, task, seed, ..."}
+    )
+    candidates: dict[str, list[str]] = field(
+        default_factory=dict, metadata={"help": "candidates.NAME=[overrides]: backbone=..., backbone.depth=..., ..."}
+    )
+    scores: list[str] | None = field(
+        default=None, metadata={"help": f"some of {', '.join(SCORES.names())}; default: every one that applies"}
+    )
+    uri: str = field(default="", metadata={"help": "MLflow store; default: src.run's (sqlite:///mlflow.db here)"})
+    experiment: str = field(default="", metadata={"help": "where the rank runs go; default: src.run's experiment"})
+    measured: str | None = field(
+        default=None, metadata={"help": "experiment of the runs to check the ranking against; default: experiment"}
+    )
+    filter: str = field(
+        default="", metadata={"help": "an MLflow filter on the measured runs, e.g. \"params.optim.lr = '0.01'\""}
+    )
+    metric: str | None = field(
+        default=None, metadata={"help": "measured metric; default: the runs' objective (best val value); test/..."}
+    )
+    resamples: int = field(default=1000, metadata={"help": "bootstrap resamples of the runs (tau/rho intervals)"})
+    confidence: float = field(default=0.95, metadata={"help": "confidence level of every interval"})
+    out: str | None = field(default=None, metadata={"help": "report folder; default reports/rank-<UTC time>"})
 
     def __post_init__(self) -> None:
         self.uri = self.uri or _tracking_default("uri")

@@ -66,10 +66,10 @@ def bar_plot(results: list[Scored], names: list[str], path: Path) -> Path:
     order = sorted((r.candidate.name for r in results), key=lambda c: -scores[first].get(c, float("-inf")))
     fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 0.35 * len(order) + 1.5), squeeze=False)
     for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
-        shown = [c for c in order if c in values]
-        ax.barh(range(len(shown)), [values[c] for c in shown], color="tab:blue")
-        ax.set_yticks(range(len(shown)), shown if ax is axes[0][0] else [""] * len(shown))
-        ax.invert_yaxis()
+        rows = [i for i, c in enumerate(order) if c in values]  # a candidate without this score: an empty row
+        ax.barh(rows, [values[order[i]] for i in rows], color="tab:blue")
+        ax.set_yticks(range(len(order)), order if ax is axes[0][0] else [""] * len(order))
+        ax.set_ylim(len(order) - 0.5, -0.5)
         ax.set_title(name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
