@@ -70,6 +70,9 @@ def test_logme_averages_one_evidence_per_class_tag_or_output() -> None:
     per_column = [direct_logme(x, targets[:, j])[2] for j in range(2)]
     assert scores.logme(x, targets) == pytest.approx(np.mean(per_column), rel=1e-6)
     assert scores.logme(x, targets[:, 0]) == pytest.approx(per_column[0], rel=1e-6)  # one regression output
+    # A tag no example has is left out (its evidence is unbounded: w = 0 fits it exactly).
+    tags = np.stack([targets[:, 0] > 0, np.zeros(30, dtype=bool)], axis=1).astype(float)
+    assert scores.logme(x, tags) == pytest.approx(scores.logme(x, tags[:, :1]))
     # Features that explain the target have more evidence than noise features.
     assert scores.logme(x, targets[:, 1:]) > scores.logme(RNG.normal(size=(30, 4)), targets[:, 1:])
 

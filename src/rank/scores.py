@@ -108,7 +108,12 @@ def logme(x: np.ndarray, targets: np.ndarray) -> float:
     eigvals, vecs = np.linalg.eigh(x.T @ x)
     eigvals = np.clip(eigvals, 0.0, None)  # round-off can make a zero eigenvalue slightly negative
     columns = np.asarray(targets, dtype=np.float64).reshape(len(x), -1).T
-    return float(np.mean([logme_column(x, y, eigvals, vecs).evidence for y in columns]))
+    # A column constant on the training split (a tag no example has) says nothing about the features, and all-zero
+    # targets have unbounded evidence (a perfect fit by w = 0): left out.
+    varying = [y for y in columns if np.ptp(y) > 0]
+    if not varying:
+        raise ValueError("LogME: every target column is constant on the training split")
+    return float(np.mean([logme_column(x, y, eigvals, vecs).evidence for y in varying]))
 
 
 def logme_score(cfg: LogMEConfig, data: Features) -> float:
