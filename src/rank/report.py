@@ -162,9 +162,11 @@ def write(
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["candidate", "overrides", *names, "feature_dim", "examples", "seconds", "seconds_features"])
+    writer.writerow(
+        ["candidate", "run_id", "overrides", *names, "feature_dim", "examples", "seconds", "seconds_features"]
+    )
     for r in results:
-        row = [r.candidate.name, " ".join(r.candidate.overrides), *(r.scores.get(s, "") for s in names)]
+        row = [r.candidate.name, r.run_id, " ".join(r.candidate.overrides), *(r.scores.get(s, "") for s in names)]
         writer.writerow([*row, r.feature_dim, r.examples, round(r.seconds, 3), round(r.seconds_features, 3)])
     (out / "scores.csv").write_text(buffer.getvalue(), encoding="utf-8")
     return [out / "report.md", out / "scores.csv", bar_plot(results, names, out / "scores.png")]

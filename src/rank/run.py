@@ -52,7 +52,7 @@ def features_of(candidate: Candidate) -> tuple[Features, bool, float, int]:
     its task's soft targets, and the source head's predictions when the backbone has one; plus whether the cache
     had them, the seconds spent encoding, and the feature dimension."""
     cfg, raw = candidate.cfg, candidate.raw
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # as a run seeds before building: a random-init part is the same in both
     backbone = BACKBONES.build(raw.backbone, pretrained=True)
     task = TASKS.build(raw.task)
     datamodule = DATA.build(raw.data, preprocessing=backbone.preprocessing, seed=cfg.seed, task=task, cv=cfg.cv)
