@@ -297,6 +297,17 @@ def test_depth_keeps_the_first_layer_groups() -> None:
     with torch.no_grad():
         hidden = minilm.model(**text, output_hidden_states=True).hidden_states[2]  # after embeddings + 2 layers
         torch.testing.assert_close(short(text), hidden[:, 0], atol=1e-5, rtol=1e-5)
+    lite = BACKBONES.build({"name": "efficientnet_lite"}).eval()
+    lite_cut = BACKBONES.build({"name": "efficientnet_lite", "depth": 6}).eval()
+    assert [g.name for g in lite_cut.layer_groups()] == ["stem", *(f"stages.{i}" for i in range(5))]
+    assert lite_cut.feature_dim == 112 and lite_cut.source_classifier is None
+    assert lite.source_classifier[0].shape == (1000, 1280)  # the ImageNet classifier
+    photo = {"pixel_values": torch.randn(1, 3, 64, 64)}
+    with torch.no_grad():
+        x = lite.stem(photo["pixel_values"])
+        for stage in lite.stages[:5]:
+            x = stage(x)
+        torch.testing.assert_close(lite_cut(photo), x.mean(dim=(2, 3)))
 
 
 def test_small_cnn_source_head_is_the_pretraining_classifier() -> None:

@@ -98,7 +98,7 @@ class Backbone(nn.Module):
         return state
 
 
-def check_depth(depth: int, groups: list[LayerGroup]) -> None:
+def check_depth_fits(depth: int, groups: list[LayerGroup]) -> None:
     """A `backbone.depth` beyond the backbone's layer groups names them, so the user sees what can be kept."""
     if depth > len(groups):
         names = ", ".join(g.name for g in groups)

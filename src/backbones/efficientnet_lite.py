@@ -16,7 +16,7 @@ from importlib import import_module
 import torch
 from torch import nn
 
-from src.backbones.base import Backbone, LayerGroup, Preprocessing, check_depth
+from src.backbones.base import Backbone, LayerGroup, Preprocessing, check_depth_fits
 from src.backbones.config import EfficientNetLiteConfig
 from src.backbones.groups import check_partition, module_layer_groups
 
@@ -65,7 +65,7 @@ class EfficientNetLite(Backbone):
         """Keep the first `depth` layer groups (stem, stages.0-6, head): without the head, the features are the last
         kept stage's output, pooled (its channel count)."""
         groups = self.layer_groups()
-        check_depth(depth, groups)
+        check_depth_fits(depth, groups)
         if depth == len(groups):
             return
         self.stages = self.stages[: depth - 1]

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.masking_utils import create_bidirectional_mask
 
-from src.backbones.base import Backbone, LayerGroup, Preprocessing, State, check_depth
+from src.backbones.base import Backbone, LayerGroup, Preprocessing, State, check_depth_fits
 from src.backbones.config import HFConfig, check_pooling
 from src.backbones.groups import check_partition, module_layer_groups
 
@@ -108,7 +108,7 @@ class HFBackbone(Backbone):
         if blocks is None:
             raise ValueError("depth: truncation is supported for BERT-like text models (embeddings + encoder.layer)")
         groups = self.layer_groups()
-        check_depth(depth, groups)
+        check_depth_fits(depth, groups)
         if depth == len(groups):
             return
         self.model.encoder.layer = blocks[: depth - 1]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.backbones.base import Backbone, LayerGroup, Preprocessing, check_depth
+from src.backbones.base import Backbone, LayerGroup, Preprocessing, check_depth_fits
 from src.backbones.config import SmallCNNConfig
 from src.backbones.groups import check_partition, module_layer_groups
 from src.cache import Cache, fingerprint
@@ -57,7 +57,7 @@ class SmallCNN(Backbone):
 
     def truncate(self, depth: int) -> None:
         """Keep the first `depth` layer groups (stem, then blocks): the features are the last kept one's, pooled."""
-        check_depth(depth, self.layer_groups())
+        check_depth_fits(depth, self.layer_groups())
         self.block = self.block[: depth - 1]
         self.feature_dim = self._stages()[-1][0].out_channels
 
