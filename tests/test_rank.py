@@ -150,6 +150,8 @@ def test_agreement_is_scipy_weighted_tau_oriented_by_direction() -> None:
     b = scores.agreement(score, noisy, resamples=500)
     assert b.tau == pytest.approx(stats.weightedtau(score, [np.mean(r) for r in noisy]).statistic)
     assert b.tau_low < b.tau_high  # overlapping runs: the interval is wide
+    single = scores.agreement(score, [[m] for m in means], resamples=200)  # one run each: no interval
+    assert single.tau == pytest.approx(a.tau) and np.isnan(single.tau_low) and np.isnan(single.rho_high)
 
 
 @pytest.mark.parametrize(

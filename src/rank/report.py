@@ -85,12 +85,19 @@ def measured_lines(measured: Measured, results: list[Scored], seconds: float, co
             f"## Measured: finetune={strategy.finetune} ({measured.metric}, {n_runs} runs)",
             "",
             f"Mean over each candidate's runs (seeds as replicates) with its {confidence:.0%} t-interval; "
-            "candidates whose intervals overlap are not ordered by the runs (ranking between them is not resolvable).",
+            "candidates whose intervals overlap are not ordered by the runs (ranking between them is not resolvable; "
+            "? = one run, no interval).",
             "",
         ]
         order = sorted(strategy.estimates, key=lambda c: strategy.estimates[c].mean, reverse=measured.maximize)
         rows = [
-            [c, str(e.n), fmt(e.mean), fmt_ci(e), ", ".join(strategy.overlapping(c)) or "-"]
+            [
+                c,
+                str(e.n),
+                fmt(e.mean),
+                fmt_ci(e),
+                ", ".join(strategy.overlapping(c)) or ("-" if e.has_interval else "?"),
+            ]
             for c, e in ((c, strategy.estimates[c]) for c in order)
         ]
         lines += [markdown_table(["candidate", "n", "mean", "interval", "overlaps (unresolved)"], rows), ""]

@@ -282,14 +282,15 @@ def agreement(
     """How well `score` (one value per candidate) orders the candidates' measured means (`replicates`: each
     candidate's runs, e.g. its seeds), oriented so that +1 means the score ranks the best-measured first. The
     interval resamples each candidate's runs with replacement (a bootstrap over seeds/runs) and recomputes both
-    statistics on the resampled means; a resample with constant means (no ranking) is left out."""
+    statistics on the resampled means; a resample with constant means (no ranking) is left out. With one run per
+    candidate there is no interval (NaN)."""
     sign = 1.0 if maximize else -1.0
     score = np.asarray(score, dtype=np.float64)
     runs = [np.asarray(r, dtype=np.float64) * sign for r in replicates]
     means = np.array([r.mean() for r in runs])
     rng = np.random.default_rng(seed)
     taus, rhos = [], []
-    for _ in range(resamples):
+    for _ in range(resamples if any(len(r) > 1 for r in runs) else 0):  # one run each: nothing to resample
         drawn = np.array([rng.choice(r, size=len(r)).mean() for r in runs])
         if np.ptp(drawn) == 0:
             continue
