@@ -333,3 +333,16 @@ def test_a_truncated_backbone_fine_tunes(tmp_path: Path) -> None:
     proc = run_cli(["backbone.depth=2", "finetune=full", "trainer.max_epochs=1", "tracking.log_model=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test/acc" in proc.stdout + proc.stderr
+
+
+def test_examples_scores_a_seeded_subset(tmp_path: Path) -> None:
+    """`examples=N` scores N training examples (a fixed cost whatever the data size), under its own cache key."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shared = f"overrides=[experiment=digits_transfer,backbone.pretrain_epochs=2,cache.dir={tmp_path / 'cache'}]"
+    args = [f"uri={uri}", shared, "candidates.a=[backbone.depth=2]", "candidates.b=[backbone.depth=3]"]
+    assert main([*args, "examples=20", f"out={tmp_path / 'subset'}"]) == 0
+    assert main([*args, f"out={tmp_path / 'all'}"]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id], "tags.role = 'rank'")
+    examples = sorted(r.data.metrics["rank/examples"] for r in runs if "candidate" in r.data.tags)
+    assert examples == [20, 20, 50, 50]  # the subset did not hit the whole split's cache entry, nor the reverse

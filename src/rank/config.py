@@ -106,6 +106,10 @@ class RankSettings:
     metric: str | None = field(
         default=None, metadata={"help": "measured metric; default: the runs' objective (best val value); test/..."}
     )
+    examples: int | None = field(
+        default=None,
+        metadata={"help": "score a seeded random subset of this many training examples; default: all of them"},
+    )
     resamples: int = field(default=1000, metadata={"help": "bootstrap resamples of the runs (tau/rho intervals)"})
     confidence: float = field(default=0.95, metadata={"help": "confidence level of every interval"})
     out: str | None = field(default=None, metadata={"help": "report folder; default reports/rank-<UTC time>"})
@@ -127,6 +131,8 @@ class RankSettings:
             raise ConfigError(f"scores: unknown score {unknown[0]!r}; registered: {', '.join(SCORES.names())}")
         if self.scores is not None and not self.scores:
             raise ConfigError("scores: empty list; name at least one, or leave it unset for every score")
+        if self.examples is not None and self.examples < 10:
+            raise ConfigError(f"examples: must be >= 10 or null (every training example); got {self.examples}")
         if self.resamples < 100:
             raise ConfigError(f"resamples: must be >= 100; got {self.resamples}")
         if not 0 < self.confidence < 1:

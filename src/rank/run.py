@@ -9,13 +9,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import Subset
 
 from src.backbones import BACKBONES
 from src.cache import CacheStats
 from src.config import TrackingConfig
 from src.data import DATA
+from src.data.common import DataModule
 from src.errors import one_line
 from src.features import NAMESPACE, FeatureCache
 from src.rank import report
@@ -47,10 +50,24 @@ class Scored:
     examples: int = 0
 
 
-def features_of(candidate: Candidate) -> tuple[Features, bool, float, int]:
-    """The candidate's pooled features of the training split through the feature cache (the `linear_probe` cut),
-    its task's soft targets, and the source head's predictions when the backbone has one; plus whether the cache
-    had them, the seconds spent encoding, and the feature dimension."""
+def subsample(datamodule: DataModule, examples: int | None, seed: int) -> list[int] | None:
+    """Replace the training split by a seeded random subset of `examples` (None, or more than it has: all); the
+    indices kept, which then go into the cache key."""
+    train = datamodule.splits["train"]
+    if examples is None or examples >= len(train):
+        return None
+    keep = sorted(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:examples].tolist())
+    subset = Subset(train, keep)
+    subset.labels = np.asarray(train.labels)[keep]  # what the data's identity (and so the cache key) reads
+    datamodule.splits["train"] = subset
+    return keep
+
+
+def features_of(candidate: Candidate, examples: int | None) -> tuple[Features, bool, float, int]:
+    """The candidate's pooled features of the training split (or `examples` of it) through the feature cache (the
+    `linear_probe` cut: the whole split shares a probe run's entry), its task's soft targets, and the source head's
+    predictions when the backbone has one; plus whether the cache had them, the seconds spent encoding, and the
+    feature dimension."""
     cfg, raw = candidate.cfg, candidate.raw
     torch.manual_seed(cfg.seed)  # as a run seeds before building: a random-init part is the same in both
     backbone = BACKBONES.build(raw.backbone, pretrained=True)
@@ -62,9 +79,12 @@ def features_of(candidate: Candidate) -> tuple[Features, bool, float, int]:
             "data: the training split is augmented (e.g. data.hflip=true), and ranking reads it once, as it is; "
             "set the augmentation off for ranking (data.hflip=false)"
         )
+    keep = subsample(datamodule, examples, cfg.seed)
     cache = FeatureCache(cfg.cache, datamodule, cfg.trainer.get("accelerator"))
     n = len(backbone.layer_groups())
     what = {"output": "features", "cut": n, "groups": n}  # the key a linear_probe run's entry has
+    if keep is not None:
+        what["subset"] = keep
     entry = cache.entry("train", backbone, what, lambda batch: backbone.prefix_output(n, batch))
     stats: CacheStats = cache.cache.stats
     values = entry["values"].double()
@@ -77,7 +97,9 @@ def features_of(candidate: Candidate) -> tuple[Features, bool, float, int]:
     return data, stats.hits > 0, stats.seconds_computing, backbone.feature_dim
 
 
-def score(candidate: Candidate, names: list[str], tracking: TrackingConfig, launch_dir: Path) -> Scored:
+def score(
+    candidate: Candidate, names: list[str], examples: int | None, tracking: TrackingConfig, launch_dir: Path
+) -> Scored:
     """One candidate's MLflow run (tagged role=rank, nested under the parent): params as a run's, scores as
     metrics `rank/<score>`, and the seconds spent."""
     tags = {
@@ -91,7 +113,7 @@ def score(candidate: Candidate, names: list[str], tracking: TrackingConfig, laun
         tracker.log_params(flatten(OmegaConf.to_container(candidate.raw, resolve=True)))
         tracker.log_text("\n".join(candidate.overrides) + "\n", "overrides.txt")
         start = time.perf_counter()
-        data, hit, encoding, dim = features_of(candidate)
+        data, hit, encoding, dim = features_of(candidate, examples)
         scored = Scored(candidate, tracker.run_id, cache_hit=hit, seconds_features=encoding, feature_dim=dim)
         scored.examples = len(data.x)
         for name in names:
@@ -129,7 +151,7 @@ def rank(settings: RankSettings, pool: list[Candidate], names: list[str], launch
         for candidate in pool:
             print(f"rank: {candidate.name} ({' '.join(candidate.overrides)})", flush=True)
             try:
-                results.append(score(candidate, names, child, launch_dir))
+                results.append(score(candidate, names, settings.examples, child, launch_dir))
             except Exception as e:  # noqa: BLE001 - one candidate that fails must not stop the ranking
                 skipped[candidate.name] = one_line(e)
                 print(f"rank: {candidate.name} skipped: {skipped[candidate.name]}", flush=True)

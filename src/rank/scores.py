@@ -84,19 +84,20 @@ def logme_column(x: np.ndarray, y: np.ndarray, eigvals: np.ndarray, vecs: np.nda
 
     best: Evidence | None = None
     scale = max(float(eigvals.mean()), 1e-12)
-    for ratio in (1e-6, 1e-4, 1e-2, 1.0, 1e2):
-        beta = n / max(yy, 1e-12)
-        alpha = ratio * scale * beta
-        for _ in range(1000):
-            gamma, m2, residual = fit(alpha, beta)
-            new_alpha, new_beta = gamma / max(m2, 1e-300), (n - gamma) / residual
-            done = abs(new_alpha / new_beta - alpha / beta) <= 1e-8 * alpha / beta
-            alpha, beta = new_alpha, new_beta
-            if done:
-                break
-        found = Evidence(alpha, beta, evidence(alpha, beta))
-        if np.isfinite(found.evidence) and (best is None or found.evidence > best.evidence):
-            best = found
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # a diverging start is dropped below
+        for ratio in (1e-6, 1e-4, 1e-2, 1.0, 1e2):
+            beta = n / max(yy, 1e-12)
+            alpha = ratio * scale * beta
+            for _ in range(1000):
+                gamma, m2, residual = fit(alpha, beta)
+                new_alpha, new_beta = gamma / max(m2, 1e-300), (n - gamma) / residual
+                done = abs(new_alpha / new_beta - alpha / beta) <= 1e-8 * alpha / beta
+                alpha, beta = new_alpha, new_beta
+                if done:
+                    break
+            found = Evidence(alpha, beta, evidence(alpha, beta))
+            if np.isfinite(found.evidence) and (best is None or found.evidence > best.evidence):
+                best = found
     if best is None:
         raise FloatingPointError("LogME: no start converged to a finite evidence")
     return best
@@ -106,7 +107,9 @@ def logme(x: np.ndarray, targets: np.ndarray) -> float:
     """Mean over target columns of the maximised evidence per example (one evidence per class, tag or output)."""
     x = np.asarray(x, dtype=np.float64)
     eigvals, vecs = np.linalg.eigh(x.T @ x)
-    eigvals = np.clip(eigvals, 0.0, None)  # round-off can make a zero eigenvalue slightly negative
+    # x^T x has rank <= min(n, d): round-off makes its zero eigenvalues tiny (even negative) numbers, which an
+    # interpolating fit (beta -> infinity) would count as directions of the features.
+    eigvals = np.where(eigvals > eigvals.max() * 1e-10, eigvals, 0.0)
     columns = np.asarray(targets, dtype=np.float64).reshape(len(x), -1).T
     # A column constant on the training split (a tag no example has) says nothing about the features, and all-zero
     # targets have unbounded evidence (a perfect fit by w = 0): left out.
