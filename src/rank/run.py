@@ -144,7 +144,7 @@ def rank(settings: RankSettings, pool: list[Candidate], names: list[str], launch
     parent_tags = {ROLE_TAG: ROLE, "rank.candidates": str(len(pool)), **source_tags("python -m src.rank")}
     started = time.perf_counter()
     with MLflowRun(tracking, launch_dir, f"rank·{title}·{stamp}", parent_tags) as parent:
-        parent.log_params({f"rank.{k}": str(v) for k, v in vars(settings).items() if k not in ("uri",)})
+        parent.log_params(flatten({"rank": {k: v for k, v in vars(settings).items() if k != "uri"}}))
         child = TrackingConfig(uri=settings.uri, experiment=settings.experiment, parent_run_id=parent.run_id)
         results: list[Scored] = []
         skipped: dict[str, str] = {}
