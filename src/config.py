@@ -78,8 +78,12 @@ class TrackingConfig:
     log_checkpoint: bool = True
     log_model: bool = True  # log the tested weights as an MLflow pyfunc model `model` (src.serving)
     register_model: str | None = None  # also register that model in the Model Registry under this name
+    # In a grid or sweep, which jobs log their weights (model + checkpoint): `best`, a job that no finished sibling
+    # beats on the objective (the winner always keeps its weights; the others skip a model export each); `all`.
+    keep_models: str = "best"
 
     def __post_init__(self) -> None:
+        check(self.keep_models in ("best", "all"), f"keep_models: best | all, got {self.keep_models!r}")
         check(
             self.register_model is None or self.log_model,
             "register_model: needs log_model=true (only a logged model can be registered)",

@@ -77,6 +77,18 @@ def deterministic(strategy: Strategy, backbone: Backbone, cut: int) -> bool:
     return strategy.frozen_groups_fixed and not (has_bn and (bn.train_affine or not bn.eval_mode))
 
 
+def fixed_state(strategy: Strategy, module: nn.Module, backbone: Backbone, epochs: int) -> set[str]:
+    """`module.state_dict()` keys of the backbone's leading layer groups that no epoch changes (frozen throughout,
+    deterministic): checkpoints can leave them out, since the run rebuilds them as they were (see
+    `TransferModule.fixed_state`). For a linear probe that is the whole backbone: a checkpoint holds the head."""
+    groups = backbone.layer_groups()
+    frozen = frozen_prefix(strategy, len(groups), epochs)
+    if frozen == 0 or not deterministic(strategy, backbone, frozen):
+        return set()
+    names = {id(m): name for name, m in module.named_modules()}
+    return {f"{names[id(m)]}.{key}" for group in groups[:frozen] for m in group.modules for key in m.state_dict()}
+
+
 def static_cut(strategy: Strategy, backbone: Backbone, epochs: int) -> int:
     """The cut to cache for the whole run (0: none): the frozen prefix, or the largest cut below it the backbone
     can split at, when the prefix is deterministic."""
@@ -385,6 +397,12 @@ class FeatureCache:
         return callbacks
 
 
+def horizon(cfg: RunConfig) -> int:
+    """The epochs a run may train: `trainer.max_epochs`, else Lightning's default horizon."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    return max_epochs if max_epochs is not None and max_epochs > 0 else 1000
+
+
 def use_cache(
     cfg: RunConfig,
     strategy: Strategy,
@@ -397,8 +415,7 @@ def use_cache(
     cache's hits/misses/bytes/seconds to MLflow as `cache/features/*`, return the callbacks the run needs."""
     if not cfg.cache.enabled:
         return []
-    max_epochs = cfg.trainer.get("max_epochs")
-    epochs = max_epochs if max_epochs is not None and max_epochs > 0 else 1000  # Lightning's default horizon
+    epochs = horizon(cfg)
     features = FeatureCache(cfg.cache, datamodule, cfg.trainer.get("accelerator"))
     callbacks = features.attach(strategy, module, augmented or datamodule.train_augmented, epochs)
     tracker.log_metrics(features.cache.stats.as_metrics(NAMESPACE))

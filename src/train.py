@@ -81,6 +81,7 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
             ce_weight=strategy.ce_weight,
             aux_modules=adapter.modules(),
         )
+        module.fixed_state = features.fixed_state(strategy, module, backbone, features.horizon(cfg))
         cached = features.use_cache(cfg, strategy, module, datamodule, bool(regularizers.batch_transforms), tracker)
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
@@ -96,7 +97,8 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         tracker.set_tags(health.tags())
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
         value = build.objective_value(cfg, trainer, checkpoint, tracker)
-        build.log_results(tracker, cfg, raw, module, datamodule, context, log_model=trial.keeps_model(value))
+        keep = build.keeps_weights(cfg, context, trial, tracker, value)
+        build.log_results(tracker, cfg, raw, module, datamodule, context, keep_weights=keep)
         value = trial.complete(value)
     if tracker.leader:  # DDP: one summary, from rank 0
         print(run_summary(tracker.client.get_run(tracker.run_id), cfg.objective.metric, tracker.uri), flush=True)
