@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,46 @@ def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
+class _Warm:
+    """Entries already loaded in this process, kept for the next job of a grid or sweep that Hydra's basic launcher
+    runs in the same process: a hit then costs a `stat`, not a read and a SHA-256 of the file. Keyed by the entry
+    file's path, size and mtime (a rewritten entry is read again), least recently used first out, bounded by the
+    entries' size on disk (`cache.warm_gb`; 0 keeps none). Values are shared: callers never modify an entry."""
+
+    def __init__(self) -> None:
+        self.budget = 0.0
+        self.entries: OrderedDict[str, tuple[tuple[int, int], int, Any]] = OrderedDict()
+
+    def get(self, path: Path) -> Any | None:
+        found = self.entries.get(str(path))
+        if found is None:
+            return None
+        stat = path.stat()
+        if found[0] != (stat.st_size, stat.st_mtime_ns):
+            del self.entries[str(path)]
+            return None
+        self.entries.move_to_end(str(path))
+        return found[2]
+
+    def put(self, path: Path, size: int, value: Any) -> None:
+        if size > self.budget:
+            return
+        stat = path.stat()
+        self.entries[str(path)] = ((stat.st_size, stat.st_mtime_ns), size, value)
+        while sum(e[1] for e in self.entries.values()) > self.budget:
+            self.entries.popitem(last=False)
+
+
+WARM = _Warm()
+
+
+def keep_warm(gb: float) -> None:
+    """Set how much this process keeps of the entries it loaded (a run's `cache.warm_gb`)."""
+    WARM.budget = gb * 1e9
+    while WARM.entries and sum(e[1] for e in WARM.entries.values()) > WARM.budget:
+        WARM.entries.popitem(last=False)
+
+
 class Cache:
     """The entries of one namespace (e.g. `features`, `tokenized`, `small_cnn`) under a cache root."""
 
@@ -154,6 +195,10 @@ class Cache:
         data, meta = self._paths(key)
         if not (data.exists() and meta.exists()):
             return None
+        warm = WARM.get(data)
+        if warm is not None:
+            self.stats.bytes += data.stat().st_size
+            return warm
         try:
             info = json.loads(meta.read_text())
             if data.stat().st_size != info["size"] or _sha256(data) != info["sha256"]:
@@ -166,6 +211,7 @@ class Cache:
                     p.unlink()
             return None
         self.stats.bytes += info["size"]
+        WARM.put(data, info["size"], value)
         return value
 
     def save(self, key: str, value: Any) -> int:

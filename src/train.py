@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import build, features, lr_finder, preflight, regularization
 from src.adapt import ADAPT
 from src.adapt.selection import TargetEvaluation
+from src.cache import keep_warm
 from src.config import RunConfig, validate
 from src.context import HydraContext, hydra_context
 from src.data import DATA
@@ -54,6 +55,7 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         trial.running(tracker),
     ):
         build.start(tracker, raw, context, resumed=resume is not None)
+        keep_warm(cfg.cache.warm_gb)
         pl.seed_everything(cfg.seed, workers=True)
         strategy = FINETUNE.build(raw.finetune, client=tracker.client)
         backbone = build.backbone(cfg, raw, strategy, tracker.client)
