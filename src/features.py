@@ -380,7 +380,9 @@ class FeatureCache:
         callbacks: list[pl.Callback] = []
         attached: dict[str, dict[str, torch.Tensor]] = {split: {} for split in splits}
         cut = static_cut(strategy, backbone, epochs)
-        if cut and not self.fits(splits, backbone, lambda b, c=cut: backbone.prefix_output(c, b), "frozen prefix"):
+        # Pooled features (cut n) are a few KB a sample; only a prefix's token states or feature maps can outgrow RAM.
+        prefix = lambda b, c=cut: backbone.prefix_output(c, b)  # noqa: E731
+        if 0 < cut < n and not self.fits(splits, backbone, prefix, "frozen prefix"):
             cut = 0
         if cut:
             what = {"output": "frozen prefix" if cut < n else "features", "cut": cut, "groups": n}

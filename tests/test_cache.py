@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.cache import Cache, file_digest, fingerprint, keep_warm, state_digest
+from src.cache import Cache, file_digest, fingerprint, keep_warm, remember_weights, state_digest
 from src.config import CacheConfig
 
 
@@ -106,3 +106,21 @@ def test_a_process_keeps_loaded_entries_warm_until_the_file_changes(tmp_path: Pa
         assert cache.load("k") is not cache.load("k")
     finally:
         keep_warm(CacheConfig.warm_gb)
+
+
+def test_weights_from_a_known_source_are_hashed_once_per_process() -> None:
+    """`remember_weights`: the second backbone built from the same source gets the digest the first one hashed
+    (a module that is not those weights would reveal it: its own hash differs); a write to a tensor (a step,
+    `load_state_dict` of `finetune.init_from`) makes the digest that of the values again."""
+    first, second, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    second.load_state_dict(first.state_dict())
+    remember_weights(first, "weights.safetensors digest")
+    digest = state_digest(first)
+    assert digest == state_digest(second)
+    remember_weights(other, "weights.safetensors digest")  # a stand-in: the source's digest, not its own hash
+    assert state_digest(other) == digest
+    with torch.no_grad():
+        other.weight.add_(1.0)
+    assert state_digest(other) != digest
+    other.load_state_dict(first.state_dict())
+    assert state_digest(other) == digest

@@ -19,6 +19,7 @@ from torch import nn
 from src.backbones.base import Backbone, LayerGroup, Preprocessing
 from src.backbones.config import EfficientNetLiteConfig
 from src.backbones.groups import check_partition, module_layer_groups
+from src.cache import file_digest, remember_weights
 
 FEATURE_DIM = 1280
 MIN_IMAGE_SIZE = 32  # the network's total stride: below it the last stages only see 1x1 maps
@@ -94,5 +95,7 @@ def build_efficientnet_lite(cfg: EfficientNetLiteConfig, pretrained: bool = True
     if pretrained:
         net.load_state_dict(torch.load(weights_path(cfg.variant), map_location="cpu", weights_only=True))
     backbone = EfficientNetLite(net, EfficientNet.get_image_size(model_name), cfg.drop_connect_rate)
+    if pretrained:
+        remember_weights(backbone, file_digest(weights_path(cfg.variant)))
     check_partition(backbone, backbone.layer_groups())
     return backbone

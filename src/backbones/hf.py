@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from src.backbones.base import Backbone, LayerGroup, Preprocessing, State
 from src.backbones.config import HFConfig, check_pooling
 from src.backbones.groups import check_partition, module_layer_groups
+from src.cache import path_digest, remember_weights
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,10 @@ def build_hf(cfg: HFConfig, pretrained: bool = True) -> HFBackbone:
         else:
             preprocessing = _image_preprocessing(cfg, config)
     backbone = HFBackbone(model, preprocessing, cfg.pooling)
+    if pretrained and Path(cfg.model).is_dir():
+        remember_weights(backbone, path_digest(cfg.model))
+    elif pretrained and getattr(config, "_commit_hash", None):
+        remember_weights(backbone, cfg.model, config._commit_hash)
     groups = backbone.layer_groups()
     check_partition(backbone, groups)
     weights = "pretrained" if pretrained else "random"
