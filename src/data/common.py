@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from src.cache import path_digest
-from src.data.config import DataConfig
+from src.data.config import DataConfig, EvalSetConfig
+from src.data.corruptions import corrupt
 from src.schema import ConfigError, blame
 from src.tasks.base import labels_digest
 
@@ -92,6 +94,40 @@ class Unlabelled(Dataset):
         return {k: v for k, v in self.dataset[index].items() if k != "labels"}
 
 
+# Split names of the named evaluation sets (`data.eval_sets`): EVAL_PREFIX + the set's name.
+EVAL_PREFIX = "eval/"
+CORRUPTION_VERSION = 1  # in the feature cache key of a shifted set: bump when src/data/corruptions.py changes
+# An image shift of an evaluation set: (C, H, W) pixels in [0, 1] and the image's own seeded generator -> pixels.
+PixelShift = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
+
+
+def corruption(name: str, severity: int) -> PixelShift:
+    """The ImageNet-C corruption `name` at `severity` as a pixel shift (src.data.corruptions works in HWC numpy)."""
+
+    def shift(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        image = pixels.permute(1, 2, 0).numpy()
+        return torch.from_numpy(corrupt(image, name, severity, rng)).permute(2, 0, 1)
+
+    return shift
+
+
+class ShiftedImages(Dataset):
+    """An image split shifted before its transform (normalisation): an evaluation set made from config. Each
+    image's randomness comes from its own generator, seeded with ``(seed, index)``, so the set is the same pixels in
+    every run and in any access order. The base split provides ``pixels(index)``, ``transform`` and ``labels``."""
+
+    def __init__(self, base: Any, shift: PixelShift, seed: int) -> None:
+        self.base, self.shift, self.seed = base, shift, seed
+        self.labels = base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pixels = self.shift(self.base.pixels(index), np.random.default_rng([self.seed, index]))
+        return {"pixel_values": self.base.transform(pixels), "labels": self.labels[index]}
+
+
 # What the target domain is used for (set by the adaptation method, see src/adapt): "eval" = evaluation only,
 # "adapt" = unlabelled target batches beside the labelled source batches, "oracle" = supervised training on the
 # labelled target images (the upper bound).
@@ -157,12 +193,14 @@ class DataModule(pl.LightningDataModule):
         """What determines every split's samples, for cache keys (call after `setup`): the config without loader
         and cache knobs, the content digest of every file or folder it names, the class names, each split's labels
         and the seed (subsets, splits)."""
-        fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_SAMPLES}
+        # Evaluation sets are keyed each on its own (`split_identity`): adding one leaves the other splits' keys.
+        fields = {k: v for k, v in asdict(self.cfg).items() if k not in (*self.NOT_SAMPLES, "eval_sets")}
         files = {k: path_digest(v) for k, v in fields.items() if isinstance(v, str) and Path(v).exists()}
         labels = {
             split: labels_digest(np.asarray(data.labels))
             for split, data in self._splits.items()
             if getattr(data, "labels", None) is not None  # unlabelled target tables have none
+            and not split.startswith(EVAL_PREFIX)
         }
         return {
             "module": type(self).__name__,
@@ -174,6 +212,44 @@ class DataModule(pl.LightningDataModule):
             "seed": self.seed,
             **({} if self.cv is None else {"cv": [self.cv.folds, self.cv.fold]}),  # absent: old keys stay valid
         }
+
+    def split_identity(self, split: str) -> Any:
+        """What a split's samples depend on beyond `identity()`, for cache keys: its name, or for an evaluation
+        set its spec (not its name: the same set under another name hits the same entry), its labels and the
+        content of the file it reads, or the test split it shifts."""
+        if not split.startswith(EVAL_PREFIX):
+            return split
+        spec = self.cfg.eval_sets[split.removeprefix(EVAL_PREFIX)]
+        source = {"files": path_digest(spec.path)} if spec.path is not None else {"shifts": self.test_split_name}
+        labels = labels_digest(np.asarray(self._splits[split].labels))
+        return {"eval_set": asdict(spec), "labels": labels, "version": CORRUPTION_VERSION, **source}
+
+    @property
+    def test_split_name(self) -> str:
+        """The split tested: the test split when the dataset has one, else the validation split."""
+        return "test" if "test" in self._splits else "val"
+
+    def eval_splits(
+        self, splits: dict[str, Dataset], labelled: Callable[[str, str, str], Dataset] | None = None
+    ) -> dict[str, Dataset]:
+        """The named evaluation sets (`data.eval_sets`) by split name (EVAL_PREFIX + name), for `_build`: a
+        shift of the split tested (``splits``' test, else val), or what ``labelled(key, path)`` reads from a file
+        or folder in the training format, ``labelled(name, key, path)``, with the training data's label mapping
+        (unknown labels are refused)."""
+        tested = splits["test" if "test" in splits else "val"]
+        out: dict[str, Dataset] = {}
+        for name, spec in self.cfg.eval_sets.items():
+            if spec.path is not None and labelled is not None:
+                out[EVAL_PREFIX + name] = labelled(name, f"data.eval_sets.{name}.path", spec.path)
+            else:
+                out[EVAL_PREFIX + name] = ShiftedImages(tested, self.pixel_shift(spec), spec.seed)
+        return out
+
+    def pixel_shift(self, spec: EvalSetConfig) -> PixelShift:
+        """The image shift an evaluation set applies (config validation admits only the kinds a module makes)."""
+        if spec.corruption is None or spec.severity is None:
+            raise ConfigError(f"data ({self.cfg.name}): cannot make a {spec.kind()} evaluation set")
+        return corruption(spec.corruption, spec.severity)
 
     @property
     def splits(self) -> dict[str, Dataset]:
@@ -282,4 +358,12 @@ class DataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """The test split when the dataset has one, else the validation split."""
-        return self._loader(self._split("test" if "test" in self._splits else "val"))
+        return self._loader(self._split(self.test_split_name))
+
+    def eval_dataloaders(self) -> dict[str, DataLoader]:
+        """A loader per named evaluation set, by its name."""
+        return {
+            split.removeprefix(EVAL_PREFIX): self._loader(data)
+            for split, data in self._splits.items()
+            if split.startswith(EVAL_PREFIX)
+        }
