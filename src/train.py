@@ -90,7 +90,7 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         if datamodule.has_target:  # target-domain metrics and label-free selection scores (src.adapt)
             extra.append(TargetEvaluation(datamodule, cfg.objective.metric, cfg.objective.direction == "maximize"))
         if cfg.data.eval_sets:  # test/<name>/<metric> of every named evaluation set
-            extra.append(EvalSets())
+            extra.append(EvalSets(cfg.data.eval_sets_every_val))
         checkpoint, callbacks = build.callbacks(cfg, extra, context)
         trainer = pl.Trainer(
             **cfg.trainer, callbacks=[*callbacks, health, STOP, *trial.callbacks()], logger=tracker.logger()

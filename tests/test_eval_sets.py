@@ -81,9 +81,13 @@ def test_a_folder_set_in_the_training_format_maps_classes_by_name(tmp_path: Path
     train = image_tree(tmp_path / "train", per_class=4)
     other = image_tree(tmp_path / "other", per_class=2, classes=("dog", "owl"))
     node = {"name": "image_folder", "train_dir": str(train), "image_size": 8, "cache_images": False}
+    bright = {"corruption": "brightness", "severity": 5}
     with pytest.warns(UserWarning):
-        dm = built({**node, "eval_sets": {"other": {"path": str(other)}}})
+        dm = built({**node, "eval_sets": {"other": {"path": str(other)}, "bright": bright}})
     assert sorted(dm.splits["eval/other"].labels) == [1, 1, 2, 2]  # dog, owl: train's indices, not the folder's
+    tested, shifted = dm.splits["val"], dm.splits["eval/bright"]  # no test_dir: the validation split is tested
+    assert shifted.labels == tested.labels
+    assert (shifted[0]["pixel_values"] > tested[0]["pixel_values"] + 0.1).any()
     (other / "cow").mkdir()
     Image.new("RGB", (8, 8)).save(other / "cow" / "0.png")
     with pytest.warns(UserWarning), pytest.raises(ConfigError) as e:
@@ -116,6 +120,7 @@ def test_a_table_set_uses_the_training_labels_and_refuses_unknown_ones(tmp_path:
         (["+data.eval_sets.wise_ft={shift:rotate}"], "data.eval_sets.wise_ft: a set name is part of its metric"),
         (["regularization.wise_ft_alpha=[0,1.5]"], "regularization.wise_ft_alpha: must be in [0, 1], a list of"),
         (["regularization.wise_ft_alpha=-0.1"], "regularization.wise_ft_alpha: must be in [0, 1], a list of"),
+        (["+data.eval_sets_every_val=true"], "data.eval_sets_every_val: true, but no eval_sets are defined"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line_at_validation(overrides: list[str], message: str) -> None:
@@ -133,9 +138,11 @@ def only_run(cwd: Path) -> object:
 @pytest.mark.usefixtures("restore_signals")
 def test_sets_and_the_wise_ft_curve_are_logged_and_agree_with_single_alpha_runs(tmp_path: Path) -> None:
     (tmp_path / "curve").mkdir()
-    assert run_in_process(tmp_path / "curve", *FAST, NOISE, ROT, "regularization.wise_ft_alpha=[0,0.5,1]") == 0
+    curve = ("regularization.wise_ft_alpha=[0,0.5,1]", "+data.eval_sets_every_val=true")
+    assert run_in_process(tmp_path / "curve", *FAST, NOISE, ROT, *curve) == 0
     client, run = only_run(tmp_path / "curve")
     m = run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "eval/rot/acc")) == 2  # one per validation (2 epochs)
     assert run.data.tags["eval_sets"] == "noise,rot"
     assert {"test/noise/acc", "test/rot/acc", "test/noise/loss"} <= set(m)
     for alpha in ("0.0", "0.5", "1.0"):

@@ -96,6 +96,7 @@ class Unlabelled(Dataset):
 
 # Split names of the named evaluation sets (`data.eval_sets`): EVAL_PREFIX + the set's name.
 EVAL_PREFIX = "eval/"
+EVAL_SET_KEYS = ("eval_sets", "eval_sets_every_val")  # config keys that change no other split's samples
 CORRUPTION_VERSION = 1  # in the feature cache key of a shifted set: bump when src/data/corruptions.py changes
 # An image shift of an evaluation set: (C, H, W) pixels in [0, 1] and the image's own seeded generator -> pixels.
 PixelShift = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
@@ -194,7 +195,7 @@ class DataModule(pl.LightningDataModule):
         and cache knobs, the content digest of every file or folder it names, the class names, each split's labels
         and the seed (subsets, splits)."""
         # Evaluation sets are keyed each on its own (`split_identity`): adding one leaves the other splits' keys.
-        fields = {k: v for k, v in asdict(self.cfg).items() if k not in (*self.NOT_SAMPLES, "eval_sets")}
+        fields = {k: v for k, v in asdict(self.cfg).items() if k not in (*self.NOT_SAMPLES, *EVAL_SET_KEYS)}
         files = {k: path_digest(v) for k, v in fields.items() if isinstance(v, str) and Path(v).exists()}
         labels = {
             split: labels_digest(np.asarray(data.labels))

@@ -50,12 +50,15 @@ class DataConfig:
     max_train_samples: int | None = None  # seeded random subset of the training split (seed = run seed)
     max_train_per_class: int | None = None  # seeded per-class cap on the training split (learning curves)
     eval_sets: dict[str, EvalSetConfig] = field(default_factory=dict)  # evaluated after test: test/<name>/<metric>
+    eval_sets_every_val: bool = False  # also score them at each validation: eval/<name>/<metric> (never a monitor)
 
     eval_set_kinds: ClassVar[tuple[str, ...]] = ()  # which EVAL_SET_KINDS this data module can make
 
     def __post_init__(self) -> None:
         for name, spec in self.eval_sets.items():
             self.check_eval_set(name, spec)
+        if self.eval_sets_every_val and not self.eval_sets:
+            raise ValueError("eval_sets_every_val: true, but no eval_sets are defined (data.eval_sets.<name>=...)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
