@@ -5,6 +5,7 @@ cache serves the sets on a second run; bad settings are refused in one line befo
 
 from __future__ import annotations
 
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from src.config import validate
 from src.data import DATA
 from src.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from src.data.digits import shift_images
+from src.data.text_noise import TEXT_NOISES, noisy
 from src.schema import ConfigError
 from tests.conftest import classification
 from tests.test_data import GREY, image_tree
@@ -54,6 +56,21 @@ def built(node: dict, preprocessing: Preprocessing = GREY) -> Any:
     dm = DATA.build(node, preprocessing=preprocessing, seed=0, task=classification())
     dm.setup("fit")
     return dm
+
+
+@pytest.mark.parametrize("kind", TEXT_NOISES)
+def test_text_noise_is_seeded_and_grows_with_severity(kind: str) -> None:
+    texts = [f"sentence number {i} says the quick brown fox jumps over the lazy dog again" for i in range(40)]
+
+    def changed(severity: int) -> float:
+        """Mean dissimilarity (1 - difflib's ratio) of the noisy texts to the clean ones."""
+        noisy_texts = [noisy(t, kind, severity, np.random.default_rng([0, i])) for i, t in enumerate(texts)]
+        pairs = zip(texts, noisy_texts, strict=True)
+        return float(np.mean([1 - SequenceMatcher(None, a, b).ratio() for a, b in pairs]))
+
+    assert noisy(texts[0], kind, 3, np.random.default_rng(1)) == noisy(texts[0], kind, 3, np.random.default_rng(1))
+    assert all(np.diff([changed(s) for s in SEVERITIES]) > 0)
+    assert all(noisy("a", kind, 5, np.random.default_rng(i)).strip() for i in range(20))  # never empty
 
 
 def digits(**node: object) -> Any:
@@ -102,6 +119,14 @@ def test_a_table_set_uses_the_training_labels_and_refuses_unknown_ones(tmp_path:
     node = {"name": "text_table", "train_path": str(train), "text_column": "text"}
     dm = built({**node, "eval_sets": {"other": {"path": str(other)}}}, text_pre)
     assert dm.names == ["neg", "pos"] and dm.splits["eval/other"].labels.tolist() == [1, 0]
+    typos = {"text_noise": "char", "severity": 5}  # no test_path: the validation rows (of train.csv) are tested
+    dm = built({**node, "eval_sets": {"typos": typos}}, text_pre)
+    tested, noisy_set = dm.splits["val"], dm.splits["eval/typos"]
+    assert np.array_equal(noisy_set.labels, tested.labels) and np.array_equal(noisy_set.rows, tested.rows)
+    ids = [noisy_set[i]["input_ids"] for i in range(len(tested))]
+    assert ids != [tested[i]["input_ids"] for i in range(len(tested))]
+    again = built({**node, "eval_sets": {"typos": typos}}, text_pre).splits["eval/typos"]
+    assert ids == [again[i]["input_ids"] for i in range(len(tested))]
     write(tmp_path / "bad.csv", ["text", "label"], [["a great film", "pos"], ["meh", "neutral"]])
     with pytest.raises(ConfigError, match=r"data.eval_sets.bad.path: .*bad.csv.*'neutral'") as e:
         built({**node, "eval_sets": {"bad": {"path": str(tmp_path / "bad.csv")}}}, text_pre)
@@ -113,7 +138,8 @@ def test_a_table_set_uses_the_training_labels_and_refuses_unknown_ones(tmp_path:
     [
         (["+data.eval_sets.x={corruption:fog,severity:2}"], "data.eval_sets.x.corruption: unknown 'fog'; choose one"),
         (["+data.eval_sets.x={corruption:contrast,severity:6}"], "data.eval_sets.x.severity: must be 1..5; got 6"),
-        (["+data.eval_sets.x={corruption:contrast}"], "data.eval_sets.x.severity: required with a corruption"),
+        (["+data.eval_sets.x={corruption:contrast}"], "data.eval_sets.x.severity: required with a corruption or"),
+        (["+data.eval_sets.x={text_noise:char,severity:2}"], "data.eval_sets.x.text_noise: data 'digits' makes"),
         (["+data.eval_sets.x={shift:flip}"], "data.eval_sets.x.shift: unknown 'flip'; choose one of invert, rotate"),
         (["+data.eval_sets.x={path:/tmp}"], "data.eval_sets.x.path: data 'digits' makes evaluation sets from"),
         (["+data.eval_sets.x={shift:rotate,path:/tmp}"], "data.eval_sets.x: set exactly one of path, corruption"),

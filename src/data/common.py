@@ -231,17 +231,22 @@ class DataModule(pl.LightningDataModule):
         return "test" if "test" in self._splits else "val"
 
     def eval_splits(
-        self, splits: dict[str, Dataset], labelled: Callable[[str, str, str], Dataset] | None = None
+        self,
+        splits: dict[str, Dataset],
+        labelled: Callable[[str, str, str], Dataset] | None = None,
+        shifted: Callable[[str, EvalSetConfig, Dataset], Dataset] | None = None,
     ) -> dict[str, Dataset]:
-        """The named evaluation sets (`data.eval_sets`) by split name (EVAL_PREFIX + name), for `_build`: a
-        shift of the split tested (``splits``' test, else val), or what ``labelled(key, path)`` reads from a file
-        or folder in the training format, ``labelled(name, key, path)``, with the training data's label mapping
-        (unknown labels are refused)."""
+        """The named evaluation sets (`data.eval_sets`) by split name (EVAL_PREFIX + name), for `_build`: what
+        ``labelled(name, key, path)`` reads from a file or folder in the training format, with the training data's
+        label mapping (unknown labels are refused), or a shift of the split tested (``splits``' test, else val):
+        ``shifted(name, spec, tested)``, by default its images shifted by `pixel_shift`."""
         tested = splits["test" if "test" in splits else "val"]
         out: dict[str, Dataset] = {}
         for name, spec in self.cfg.eval_sets.items():
             if spec.path is not None and labelled is not None:
                 out[EVAL_PREFIX + name] = labelled(name, f"data.eval_sets.{name}.path", spec.path)
+            elif shifted is not None:
+                out[EVAL_PREFIX + name] = shifted(name, spec, tested)
             else:
                 out[EVAL_PREFIX + name] = ShiftedImages(tested, self.pixel_shift(spec), spec.seed)
         return out

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from omegaconf import MISSING
 
 from src.data.corruptions import CORRUPTIONS, SEVERITIES
+from src.data.text_noise import TEXT_NOISES
 from src.registry import Registry
 
 DATA: Registry[Any] = Registry("data")
@@ -20,20 +21,23 @@ DATA: Registry[Any] = Registry("data")
 # Built-in target domains for domain adaptation: the same digits, shifted (also digits' `shift` evaluation sets).
 TARGET_SHIFTS = ("invert", "rotate", "noise")
 # Where an evaluation set's examples come from: a labelled file/folder in the training data's format, a corruption
-# of the test split's images, or one of digits' shifts of it.
-EVAL_SET_KINDS = ("path", "corruption", "shift")
+# of the test split's images, one of digits' shifts of them, or noise on the test split's texts.
+EVAL_SET_KINDS = ("path", "corruption", "shift", "text_noise")
+GRADED_KINDS = ("corruption", "text_noise")  # the kinds that take a severity
 RESERVED_EVAL_SET_NAMES = ("wise_ft",)  # metric prefixes of their own (test/wise_ft/<alpha>/...)
 
 
 @dataclass
 class EvalSetConfig:
-    """One named evaluation set (`data.eval_sets.<name>`): exactly one of `path`, `corruption` or `shift`."""
+    """One named evaluation set (`data.eval_sets.<name>`): exactly one of `path`, `corruption`, `shift` or
+    `text_noise`."""
 
     path: str | None = None  # labelled data in the training format: a table, a manifest or a class-folder root
     corruption: str | None = None  # an ImageNet-C corruption of the test images (src/data/corruptions.py)
-    severity: int | None = None  # of the corruption: 1..5
+    severity: int | None = None  # of the corruption or text noise: 1..5
     shift: str | None = None  # digits: invert | rotate | noise of the test images
-    seed: int = 0  # draws the random part of a corruption or shift, per image: the same pixels in every run
+    text_noise: str | None = None  # char | word noise on the test texts (src/data/text_noise.py)
+    seed: int = 0  # draws the random part of a corruption, shift or noise per example: the same in every run
 
     def kind(self) -> str:
         return next(k for k in EVAL_SET_KINDS if getattr(self, k) is not None)
@@ -99,10 +103,12 @@ class DataConfig:
             )
         if kind == "corruption" and spec.corruption not in CORRUPTIONS:
             raise ValueError(f"{key}.corruption: unknown {spec.corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
-        if (kind == "corruption") != (spec.severity is not None):
-            raise ValueError(f"{key}.severity: required with a corruption (1..5), and only with one")
+        if (kind in GRADED_KINDS) != (spec.severity is not None):
+            raise ValueError(f"{key}.severity: required with a corruption or text_noise (1..5), and only with one")
         if spec.severity is not None and spec.severity not in SEVERITIES:
             raise ValueError(f"{key}.severity: must be 1..5; got {spec.severity}")
+        if kind == "text_noise" and spec.text_noise not in TEXT_NOISES:
+            raise ValueError(f"{key}.text_noise: unknown {spec.text_noise!r}; choose one of {', '.join(TEXT_NOISES)}")
         if kind == "shift" and spec.shift not in TARGET_SHIFTS:
             raise ValueError(f"{key}.shift: unknown {spec.shift!r}; choose one of {', '.join(TARGET_SHIFTS)}")
         if kind == "path":
@@ -337,7 +343,7 @@ class TextTableConfig(DataConfig):
     cache: bool = True  # keep parsed, tokenised tables in the shared on-disk cache (namespace "tokenized")
     cache_dir: str | None = None  # None: $TRANSFER_LAB_CACHE or ~/.cache/transfer-lab
 
-    eval_set_kinds: ClassVar[tuple[str, ...]] = ("path",)
+    eval_set_kinds: ClassVar[tuple[str, ...]] = ("path", "text_noise")
 
     def __post_init__(self) -> None:
         super().__post_init__()

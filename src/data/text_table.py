@@ -28,7 +28,7 @@ from transformers import DataCollatorWithPadding
 
 from src.cache import Cache, file_digest, fingerprint
 from src.data.common import EVAL_PREFIX, DataModule
-from src.data.config import PATH_KEYS, TARGET_KEYS, TextTableConfig, infer_format, read_label_names
+from src.data.config import PATH_KEYS, TARGET_KEYS, EvalSetConfig, TextTableConfig, infer_format, read_label_names
 from src.data.tables import (
     RawTable,
     hub_split,
@@ -38,6 +38,7 @@ from src.data.tables import (
     looks_like_data,
     read_table,
 )
+from src.data.text_noise import TEXT_NOISE_VERSION, noisy
 from src.schema import ConfigError
 from src.tasks.base import LabelFormat, as_int
 
@@ -318,4 +319,33 @@ class TextTableDataModule(DataModule):
             splits["target_train"] = EncodedTexts(
                 entries["target_train"], np.arange(len(entries["target_train"]["labels"])), None
             )
-        return {**splits, **self.eval_splits(splits, lambda name, key, path: labelled(EVAL_PREFIX + name))}, codec.names
+        origin = sources[next(s for s in ("test", "val", "train") if s in sources)]  # the table tested rows are of
+
+        def noised(name: str, spec: EvalSetConfig, tested: Dataset) -> Dataset:
+            """The tested rows of a copy of their table with noisy texts: noise keeps every row (and its text
+            non-empty), so the row numbers and targets of the clean rows apply."""
+            entry = self._encoded(self._noisy_source(origin, name, spec))
+            return EncodedTexts(entry, tested.rows, tested.labels)
+
+        by_name = self.eval_splits(splits, lambda name, key, path: labelled(EVAL_PREFIX + name), noised)
+        return {**splits, **by_name}, codec.names
+
+    def _noisy_source(self, source: Source, name: str, spec: EvalSetConfig) -> Source:
+        """``source`` with `spec.text_noise` on its text (and text pair) columns, each row seeded on its own."""
+        assert spec.text_noise is not None and spec.severity is not None  # config validation: a text_noise set
+        kind, severity, seed = spec.text_noise, spec.severity, spec.seed
+        columns = [*self.cfg.text_columns(), *([self.cfg.text_pair_column] if self.cfg.text_pair_column else [])]
+
+        def read() -> RawTable:
+            raw = source.read()
+            for c, column in enumerate(columns):
+                values = raw.column(column)
+                raw.columns[column] = [
+                    v if v is None else noisy(str(v), kind, severity, np.random.default_rng([seed, c, row]))
+                    for row, v in enumerate(values)
+                ]
+            return raw
+
+        noise = {"text_noise": kind, "severity": severity, "seed": seed, "version": TEXT_NOISE_VERSION}
+        where = f"data.eval_sets.{name} ({kind} noise on {source.where})"
+        return Source(source.key, where, {**source.identity, **noise}, read, source.headerless, source.labelled)
