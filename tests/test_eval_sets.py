@@ -90,6 +90,9 @@ def test_digits_sets_shift_the_test_split_the_same_way_every_time() -> None:
         expected = test.transform(shift_images(test.images[i : i + 1], "rotate", 0)[0])
         assert torch.allclose(rot[i]["pixel_values"], expected)
     assert set(dm.eval_dataloaders()) == {"noise", "rot"}
+    # a 224 px blur radius scaled to 8 px is sub-pixel: refused rather than a silent copy of the test split
+    with pytest.raises(ConfigError, match=r"data.eval_sets.blur: changes no pixel of these 8x8 px images"):
+        digits(eval_sets={"blur": {"corruption": "defocus_blur", "severity": 5}})
     # the training splits' cache identity does not depend on which evaluation sets a run adds
     assert digits().identity() == dm.identity()
 

@@ -124,9 +124,22 @@ class ShiftedImages(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def pixels(self, index: int) -> torch.Tensor:
+        return self.shift(self.base.pixels(index), np.random.default_rng([self.seed, index]))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        pixels = self.shift(self.base.pixels(index), np.random.default_rng([self.seed, index]))
-        return {"pixel_values": self.base.transform(pixels), "labels": self.labels[index]}
+        return {"pixel_values": self.base.transform(self.pixels(index)), "labels": self.labels[index]}
+
+    def check_visible(self, key: str, sample: int = 16) -> None:
+        """Refuse a shift that changes no pixel of the first `sample` images by one 8-bit grey level: a blur whose
+        224 px radius scales to a fraction of a pixel on small images (digits) would be a silent copy of test."""
+        change = max(float((self.pixels(i) - self.base.pixels(i)).abs().max()) for i in range(min(sample, len(self))))
+        if change < 1 / 255:
+            size = "x".join(str(n) for n in self.base.pixels(0).shape[-2:])
+            raise ConfigError(
+                f"{key}: changes no pixel of these {size} px images by one grey level (ImageNet-C's spatial "
+                "parameters are scaled to the image size); choose a higher severity or another corruption"
+            )
 
 
 # What the target domain is used for (set by the adaptation method, see src/adapt): "eval" = evaluation only,
@@ -248,7 +261,8 @@ class DataModule(pl.LightningDataModule):
             elif shifted is not None:
                 out[EVAL_PREFIX + name] = shifted(name, spec, tested)
             else:
-                out[EVAL_PREFIX + name] = ShiftedImages(tested, self.pixel_shift(spec), spec.seed)
+                out[EVAL_PREFIX + name] = images = ShiftedImages(tested, self.pixel_shift(spec), spec.seed)
+                images.check_visible(f"data.eval_sets.{name}")
         return out
 
     def pixel_shift(self, spec: EvalSetConfig) -> PixelShift:
