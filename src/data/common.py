@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from src.cache import path_digest
 from src.data.config import DataConfig, EvalSetConfig
-from src.data.corruptions import corrupt
+from src.data.corruptions import CORRUPTION_VERSION, corrupt
+from src.data.text_noise import TEXT_NOISE_VERSION
 from src.schema import ConfigError, blame
 from src.tasks.base import labels_digest
 
@@ -97,7 +98,6 @@ class Unlabelled(Dataset):
 # Split names of the named evaluation sets (`data.eval_sets`): EVAL_PREFIX + the set's name.
 EVAL_PREFIX = "eval/"
 EVAL_SET_KEYS = ("eval_sets", "eval_sets_every_val")  # config keys that change no other split's samples
-CORRUPTION_VERSION = 1  # in the feature cache key of a shifted set: bump when src/data/corruptions.py changes
 # An image shift of an evaluation set: (C, H, W) pixels in [0, 1] and the image's own seeded generator -> pixels.
 PixelShift = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
 
@@ -140,6 +140,11 @@ class ShiftedImages(Dataset):
                 f"{key}: changes no pixel of these {size} px images by one grey level (ImageNet-C's spatial "
                 "parameters are scaled to the image size); choose a higher severity or another corruption"
             )
+
+
+def tested_split(splits: dict[str, Any]) -> str:
+    """The split `trainer.test` scores: the test split when the dataset has one, else the validation split."""
+    return "test" if "test" in splits else "val"
 
 
 # What the target domain is used for (set by the adaptation method, see src/adapt): "eval" = evaluation only,
@@ -234,14 +239,10 @@ class DataModule(pl.LightningDataModule):
         if not split.startswith(EVAL_PREFIX):
             return split
         spec = self.cfg.eval_sets[split.removeprefix(EVAL_PREFIX)]
-        source = {"files": path_digest(spec.path)} if spec.path is not None else {"shifts": self.test_split_name}
+        source = {"files": path_digest(spec.path)} if spec.path is not None else {"shifts": tested_split(self._splits)}
         labels = labels_digest(np.asarray(self._splits[split].labels))
-        return {"eval_set": asdict(spec), "labels": labels, "version": CORRUPTION_VERSION, **source}
-
-    @property
-    def test_split_name(self) -> str:
-        """The split tested: the test split when the dataset has one, else the validation split."""
-        return "test" if "test" in self._splits else "val"
+        versions = {"corruptions": CORRUPTION_VERSION, "text_noise": TEXT_NOISE_VERSION}
+        return {"eval_set": asdict(spec), "labels": labels, "versions": versions, **source}
 
     def eval_splits(
         self,
@@ -253,7 +254,7 @@ class DataModule(pl.LightningDataModule):
         ``labelled(name, key, path)`` reads from a file or folder in the training format, with the training data's
         label mapping (unknown labels are refused), or a shift of the split tested (``splits``' test, else val):
         ``shifted(name, spec, tested)``, by default its images shifted by `pixel_shift`."""
-        tested = splits["test" if "test" in splits else "val"]
+        tested = splits[tested_split(splits)]
         out: dict[str, Dataset] = {}
         for name, spec in self.cfg.eval_sets.items():
             if spec.path is not None and labelled is not None:
@@ -378,7 +379,7 @@ class DataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """The test split when the dataset has one, else the validation split."""
-        return self._loader(self._split(self.test_split_name))
+        return self._loader(self._split(tested_split(self._splits)))
 
     def eval_dataloaders(self) -> dict[str, DataLoader]:
         """A loader per named evaluation set, by its name."""

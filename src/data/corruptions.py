@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+CORRUPTION_VERSION = 1  # in the feature cache keys of corrupted sets: bump when a corruption changes
 SEVERITIES = (1, 2, 3, 4, 5)
 REFERENCE_SIZE = 224  # the image size the ImageNet-C spatial parameters are defined for
 

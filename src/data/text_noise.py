@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-TEXT_NOISE_VERSION = 1  # in the cache keys of noisy tables: bump when the noise changes
+TEXT_NOISE_VERSION = 1  # in the cache keys of noisy tables and their features: bump when the noise changes
 CHAR_RATES = (0.02, 0.05, 0.1, 0.15, 0.25)
 WORD_RATES = (0.05, 0.1, 0.2, 0.3, 0.4)
 

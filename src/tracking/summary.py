@@ -45,8 +45,9 @@ def run_summary(run: Run, metric: str, uri: str) -> str:
     sets = [s for s in run.data.tags.get(EVAL_SETS_TAG, "").split(",") if s]
     if sets:
         suffix = test_metric(metric).removeprefix("test/")
-        shown = (f"{s} {m[key]:.4f}" if (key := f"test/{s}/{suffix}") in m else f"{s} (not scored)" for s in sets)
-        head += f"\n  eval sets ({suffix}): " + " · ".join(shown)
+        head += f"\n  eval sets ({suffix}): " + " · ".join(
+            f"{s} {m[key]:.4f}" for s in sets if (key := f"test/{s}/{suffix}") in m
+        )
     return f"{head}\n  artifacts: {run.info.artifact_uri}\n  view: {view}"
 
 
