@@ -5,6 +5,7 @@ cache serves the sets on a second run; bad settings are refused in one line befo
 
 from __future__ import annotations
 
+import csv
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from src.schema import ConfigError
 from tests.conftest import classification
 from tests.test_data import GREY, image_tree
 from tests.test_failures import composed, restore_signals, run_in_process  # noqa: F401 (fixture)
-from tests.test_tasks import write
+from tests.test_tasks import digit_manifest, setup, write
 
 NOISE = "+data.eval_sets.noise={corruption:gaussian_noise,severity:3}"
 ROT = "+data.eval_sets.rot={shift:rotate}"
@@ -133,6 +134,22 @@ def test_a_table_set_uses_the_training_labels_and_refuses_unknown_ones(tmp_path:
     write(tmp_path / "bad.csv", ["text", "label"], [["a great film", "pos"], ["meh", "neutral"]])
     with pytest.raises(ConfigError, match=r"data.eval_sets.bad.path: .*bad.csv.*'neutral'") as e:
         built({**node, "eval_sets": {"bad": {"path": str(tmp_path / "bad.csv")}}}, text_pre)
+    assert "\n" not in str(e.value)
+
+
+def test_a_multilabel_manifest_set_reads_tags_with_the_training_names(tmp_path: Path) -> None:
+    pre = Preprocessing(modality="image", channels=1, image_size=8, mean=[0.5], std=[0.5])
+    train, other = digit_manifest(tmp_path / "train", 40), digit_manifest(tmp_path / "other", 10, start=40)
+    node = {"name": "image_manifest", "train_path": str(train), "image_column": "path", "label_column": "tags"}
+    node |= {"label_separator": ",", "eval_sets": {"other": {"path": str(other)}}}
+    dm = setup(node, pre, "multilabel")
+    rows = list(csv.reader(other.open()))[1:]
+    expected = [[float(name in row[1].split(",")) for name in dm.names] for row in rows]
+    assert dm.splits["eval/other"].labels.tolist() == expected  # tag columns in the training order
+    rows[0][1] = "huge"
+    write(other, ["path", "tags", "digit"], rows)
+    with pytest.raises(ConfigError, match=r"data.eval_sets.other.path: .*'huge'") as e:
+        setup(node, pre, "multilabel")
     assert "\n" not in str(e.value)
 
 
