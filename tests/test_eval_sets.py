@@ -190,6 +190,7 @@ def test_sets_and_the_wise_ft_curve_are_logged_and_agree_with_single_alpha_runs(
     m = run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "eval/rot/acc")) == 2  # one per validation (2 epochs)
     assert run.data.tags["eval_sets"] == "noise,rot"
+    assert run.info.run_name.startswith("full·ep=2·noise·rot·wise_ft_alpha=[0,0.5,1]·")  # a set by its name
     assert {"test/noise/acc", "test/rot/acc", "test/noise/loss"} <= set(m)
     for alpha in ("0.0", "0.5", "1.0"):
         assert {f"test/wise_ft/{alpha}/{k}" for k in ("acc", "noise/acc", "rot/acc", "rot/f1")} <= set(m)
