@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:  # Pillow and scipy are imported where used: the config schema imports this module
+    from PIL import Image
 
 CORRUPTION_VERSION = 1  # in the feature cache keys of corrupted sets: bump when a corruption changes
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -97,6 +99,8 @@ def _brightness(x: np.ndarray, c: Any, rng: np.random.Generator, scale: float) -
 
 
 def _to_pil(x: np.ndarray) -> Image.Image:
+    from PIL import Image
+
     pixels = np.uint8(np.clip(x, 0, 1) * 255 + 0.5)
     return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
@@ -107,6 +111,8 @@ def _from_pil(image: Image.Image, channels: int) -> np.ndarray:
 
 
 def _pixelate(x: np.ndarray, c: Any, rng: np.random.Generator, scale: float) -> np.ndarray:
+    from PIL import Image
+
     height, width = x.shape[:2]
     small = (max(round(width * float(c)), 1), max(round(height * float(c)), 1))
     image = _to_pil(x).resize(small, Image.Resampling.BOX).resize((width, height), Image.Resampling.BOX)
@@ -114,6 +120,8 @@ def _pixelate(x: np.ndarray, c: Any, rng: np.random.Generator, scale: float) -> 
 
 
 def _jpeg_compression(x: np.ndarray, c: Any, rng: np.random.Generator, scale: float) -> np.ndarray:
+    from PIL import Image
+
     buffer = io.BytesIO()
     _to_pil(x).save(buffer, "JPEG", quality=int(c))
     buffer.seek(0)
