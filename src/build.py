@@ -37,7 +37,7 @@ from src.signals import STOP
 from src.sweep.trial import JobTrial
 from src.tracking import MLflowRun, TrainingStateLogger, flatten, multirun, naming, resume
 from src.tracking.mlflow_run import source_tags
-from src.tracking.summary import best_metric, test_metric
+from src.tracking.summary import EVAL_SETS_TAG, best_metric, test_metric
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
         **source_tags("python -m src.run " + " ".join(context.overrides)),
         MLFLOW_RUN_NOTE: description(cfg, context),
     }
+    if cfg.data.eval_sets:  # which `test/<name>/*` metrics the run has, for src.compare
+        out[EVAL_SETS_TAG] = ",".join(cfg.data.eval_sets)
     if context.multirun_dir is not None:
         out |= {"multirun_dir": context.multirun_dir, "job_num": str(context.job_num)}
         grid = multirun.read(context.multirun_dir)

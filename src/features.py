@@ -12,6 +12,10 @@ What is cached, per split (train / val / test), in float32 and in data-set order
   and `probe_fit`, a `milestones`/`gradual_unfreeze` schedule's first epochs): used in those epochs;
 - **a distillation teacher's logits**, attached to every sample.
 
+Named evaluation sets (`data.eval_sets`) are splits too (`eval/<name>`), each keyed by its spec and source rather
+than its name (`DataModule.split_identity`), so a corrupted test split's features are computed once, and adding a
+set leaves the other splits' entries valid.
+
 The frozen part runs in eval mode (no dropout; batch norm on its running statistics), so it is deterministic:
 frozen groups holding batch norm are cached only under the default `finetune.bn` policy (eval mode, affine
 frozen). When the training inputs are augmented (regularization.augment / mixup, an image folder's flips) the
@@ -326,7 +330,8 @@ class FeatureCache:
         if id(model) not in self.identities:
             self.identities[id(model)] = model_identity(model)
         identity = self.identities[id(model)]
-        key = fingerprint(VERSION, str(DTYPE), what, identity, self.inputs, self.data, split)
+        split_key = self.datamodule.split_identity(split)
+        key = fingerprint(VERSION, str(DTYPE), what, identity, self.inputs, self.data, split_key)
         desc = f"features: {what['output']} of {split}"
         dataset = self.datamodule.splits[split]
         misses = self.cache.stats.misses

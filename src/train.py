@@ -19,6 +19,7 @@ from src.config import RunConfig, validate
 from src.context import HydraContext, hydra_context
 from src.data import DATA
 from src.errors import one_clear_answer
+from src.eval_sets import EvalSets
 from src.finetune import FINETUNE
 from src.health import HealthCheck
 from src.module import Head, TransferModule
@@ -91,6 +92,8 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         extra = [*strategy.callbacks(), *regularizers.callbacks, *cached]
         if datamodule.has_target:  # target-domain metrics and label-free selection scores (src.adapt)
             extra.append(TargetEvaluation(datamodule, cfg.objective.metric, cfg.objective.direction == "maximize"))
+        if cfg.data.eval_sets:  # test/<name>/<metric> of every named evaluation set
+            extra.append(EvalSets(cfg.data.eval_sets_every_val))
         checkpoint, callbacks = build.callbacks(cfg, extra, context)
         trainer = pl.Trainer(
             **cfg.trainer, callbacks=[*callbacks, health, STOP, *trial.callbacks()], logger=tracker.logger()
