@@ -173,3 +173,36 @@ def test_unknown_eval_set_or_alpha_is_one_line(
     assert main([f"uri={shifted.uri}", "experiment=exp", "log=false", f"metric={metric}"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_regime_map_on_an_eval_set_and_one_trend_across_sizes(tmp_path: Path) -> None:
+    """Sizes 8 and 64 per class: on rotate the probe leads at 8 and full at 64. The trend spans the sizes (one line
+    through (ID, rotate) = (.5, .3) (.6, .4) (.7, .45) (.8, .55): slope .04 / .05 = .8, intercept .425 - .8 * .65 =
+    -.095), so effective robustness is -.005, +.015, -.015, +.005."""
+    store = Store(tmp_path)
+    means = {("full", "8"): (0.50, 0.30), ("linear_probe", "8"): (0.60, 0.40)}
+    means |= {("linear_probe", "64"): (0.70, 0.45), ("full", "64"): (0.80, 0.55)}
+    for (finetune, size), (identity, rotate) in means.items():
+        for seed, offset in enumerate((-0.01, 0.0, 0.01)):
+            store.add(
+                finetune,
+                seed,
+                identity + offset + 0.01,
+                params={"data.max_train_per_class": size},
+                tags={"eval_sets": "rotate"},
+                logged={"test/rotate/acc": rotate + offset},
+            )
+    comparison = compare(select(store.client, "exp", metric="test/rotate/acc"))
+    assert comparison.size_key == "data.max_train_per_class"
+    shift = analyse(comparison)
+    assert shift.columns == ["rotate"] and shift.trend_keys == [] and len(shift.trends) == 1
+    (trend,) = shift.trends.values()
+    assert (trend.slope, trend.intercept) == pytest.approx((0.8, -0.095))
+    robustness = {
+        (r.group.values["finetune"], r.group.values[comparison.size_key]): r.effective_robustness for r in shift.rows
+    }
+    assert [robustness[k] for k in means] == pytest.approx([-0.005, 0.015, -0.015, 0.005])
+    args = [f"uri={store.uri}", "experiment=exp", "metric=test/rotate/acc", "log=false", "out=r"]
+    text = (run_compare(parse(args), tmp_path)[0] / "report.md").read_text()
+    assert "## Regime map" in text
+    assert "`full` overtakes `linear_probe` from data.max_train_per_class = 64 (0.55 vs 0.45); beyond noise" in text
