@@ -16,7 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from src.compare import plots
 from src.compare.analysis import Comparison, Group, Recommendation, as_number, contexts, recommend_at
 from src.compare.runs import REPORT_TAG, RunRecord
-from src.compare.shift import Shift
+from src.compare.shift import Shift, ShiftRow
 from src.compare.stats import Estimate, difference
 from src.sweep.trial import ROLE_TAG
 
@@ -136,9 +136,10 @@ def shift_lines(comparison: Comparison, shift: Shift) -> list[str]:
     """The shift table (ID, each eval set, their mean, worst set, drop, effective robustness) and each shift
     metric against the best group on it."""
     keys = comparison.keys
+    sign = "ID − shift" if comparison.selection.maximize else "shift − ID"
     alpha = ["α"] if shift.alphas else []
     header = [*keys, *alpha, "n", f"ID {shift.metric.test()} [CI]", *(f"{c} [CI]" for c in shift.columns)]
-    header += ["worst set", f"drop: ID − {shift.summary} [CI]", "effective robustness"]
+    header += ["worst set", f"drop: {sign} [CI]", "effective robustness"]
     rows, flags = [], []
     for row in shift.rows:
         label = [str(row.group.values[k]) for k in keys] + ([row.alpha or "–"] if shift.alphas else [])
@@ -155,18 +156,7 @@ def shift_lines(comparison: Comparison, shift: Shift) -> list[str]:
                 f"{row.effective_robustness:+.4f}" if row.effective_robustness is not None else "–",
             ]
         )
-        flags.append(
-            [
-                *label,
-                *(
-                    "best"
-                    if c in row.best_on
-                    else f"{fmt_diff(row.vs_best.get(c))}, {flag(row.within_noise(c), 'within noise', 'beyond noise')}"
-                    for c in shift.columns
-                ),
-            ]
-        )
-    sign = "ID − shift" if comparison.selection.maximize else "shift − ID"
+        flags.append([*label, *(against_best(row, c) for c in shift.columns)])
     where = f" per {', '.join(shift.trend_keys)}" if shift.trends and shift.trend_keys else ""
     return [
         "## Under distribution shift",
@@ -185,6 +175,14 @@ def shift_lines(comparison: Comparison, shift: Shift) -> list[str]:
         markdown_table([*keys, *alpha, *shift.columns], flags),
         "",
     ]
+
+
+def against_best(row: ShiftRow, column: str) -> str:
+    if column in row.best_on:
+        return "best"
+    if column not in row.vs_best:
+        return "–"
+    return f"{fmt_diff(row.vs_best[column])}, {flag(row.within_noise(column), 'within noise', 'beyond noise')}"
 
 
 def shift_csv(comparison: Comparison, shift: Shift) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,11 @@ REPORT_TAG = "report"  # set on the run a report is logged to; such runs are nev
 EVAL_SETS_TAG = "eval_sets"  # a run's named evaluation sets, comma-separated; each logs test/<set>/<metric>
 WISE_FT = "wise_ft"  # test/wise_ft/<alpha>/[<set>/]<metric>: the run's WiSE-FT interpolations, one per alpha
 UNSET = {"None", "null", ""}  # how older runs recorded an unset value (newer runs omit the param)
+
+
+def eval_sets(tags: Mapping[str, str]) -> list[str]:
+    """The named evaluation sets a run tested on (its `eval_sets` tag), in the run's order."""
+    return [s for s in tags.get(EVAL_SETS_TAG, "").split(",") if s]
 
 
 def open_store(uri: str) -> MlflowClient:
@@ -110,8 +116,7 @@ class RunRecord:
 
     @property
     def eval_sets(self) -> list[str]:
-        """The named evaluation sets the run tested on (its `eval_sets` tag), in the run's order."""
-        return [s for s in self.tags.get(EVAL_SETS_TAG, "").split(",") if s]
+        return eval_sets(self.tags)
 
     @property
     def trial(self) -> int | None:
@@ -256,7 +261,7 @@ def check_shift_names(runs: list[Run], metric: str) -> None:
     if name.stage != "test":
         return
     if name.eval_set:
-        known = sorted({s for r in runs for s in r.data.tags.get(EVAL_SETS_TAG, "").split(",") if s})
+        known = sorted({s for r in runs for s in eval_sets(r.data.tags)})
         if name.eval_set not in known:
             exist = f"eval sets: {', '.join(known)}" if known else f"no run has eval sets (tag {EVAL_SETS_TAG})"
             raise ConfigError(f"metric: no selected run has the eval set {name.eval_set!r}; {exist}")
