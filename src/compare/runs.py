@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,16 +16,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from src.schema import ConfigError
 from src.sweep.trial import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking.multirun import ROLE_TAG as GRID_ROLE_TAG
+from src.tracking.summary import EVAL_SETS_TAG, eval_sets
 
 REPORT_TAG = "report"  # set on the run a report is logged to; such runs are never compared
-EVAL_SETS_TAG = "eval_sets"  # a run's named evaluation sets, comma-separated; each logs test/<set>/<metric>
 WISE_FT = "wise_ft"  # test/wise_ft/<alpha>/[<set>/]<metric>: the run's WiSE-FT interpolations, one per alpha
 UNSET = {"None", "null", ""}  # how older runs recorded an unset value (newer runs omit the param)
-
-
-def eval_sets(tags: Mapping[str, str]) -> list[str]:
-    """The named evaluation sets a run tested on (its `eval_sets` tag), in the run's order."""
-    return [s for s in tags.get(EVAL_SETS_TAG, "").split(",") if s]
 
 
 def open_store(uri: str) -> MlflowClient:

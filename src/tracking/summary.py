@@ -4,6 +4,7 @@ command and URL that open it in the MLflow UI; and the summary table a parent ru
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from mlflow.entities import Run
@@ -12,6 +13,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFL
 UI_PORT = 5000
 NOTE_LIMIT = 8000  # MLflow's longest tag value (MAX_TAG_VAL_LENGTH); a longer note would fail the whole summary
 EVAL_SETS_TAG = "eval_sets"  # a run's named evaluation sets, comma-separated (metrics test/<name>/<metric>)
+
+
+def eval_sets(tags: Mapping[str, str]) -> list[str]:
+    """The named evaluation sets a run tested on (its `eval_sets` tag), in the run's order."""
+    return [s for s in tags.get(EVAL_SETS_TAG, "").split(",") if s]
 
 
 def best_metric(metric: str) -> str:
@@ -42,7 +48,7 @@ def run_summary(run: Run, metric: str, uri: str) -> str:
     name = run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_name)
     view = where(uri, run.info.experiment_id, run.info.run_id)
     head = f"Run {name} ({run.info.run_id}) {run.info.status}: {results}"
-    sets = [s for s in run.data.tags.get(EVAL_SETS_TAG, "").split(",") if s]
+    sets = eval_sets(run.data.tags)
     if sets:
         suffix = test_metric(metric).removeprefix("test/")
         head += f"\n  eval sets ({suffix}): " + " · ".join(
