@@ -8,6 +8,7 @@ import os
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -33,9 +34,10 @@ from src.module import TransferModule
 from src.schema import blame
 from src.serving import export
 from src.signals import STOP
+from src.sweep.trial import JobTrial
 from src.tracking import MLflowRun, TrainingStateLogger, flatten, multirun, naming, resume
 from src.tracking.mlflow_run import source_tags
-from src.tracking.summary import best_metric, test_metric
+from src.tracking.summary import EVAL_SETS_TAG, best_metric, test_metric
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def tags(cfg: RunConfig, context: HydraContext) -> dict[str, str]:
         **source_tags("python -m src.run " + " ".join(context.overrides)),
         MLFLOW_RUN_NOTE: description(cfg, context),
     }
+    if cfg.data.eval_sets:  # which `test/<name>/*` metrics the run has, for src.compare
+        out[EVAL_SETS_TAG] = ",".join(cfg.data.eval_sets)
     if context.multirun_dir is not None:
         out |= {"multirun_dir": context.multirun_dir, "job_num": str(context.job_num)}
         grid = multirun.read(context.multirun_dir)
@@ -208,11 +212,12 @@ def log_results(
     module: TransferModule,
     datamodule: pl.LightningDataModule,
     context: HydraContext,
-    log_model: bool = True,
+    keep_weights: bool = True,
 ) -> None:
     """After test (best weights loaded): the task's report (confusion matrix, per-tag F1, predicted vs true), the
-    label mapping, the weights-only checkpoint, the run's note with its result, and (unless `log_model` is false: a
-    sweep trial that is not the best so far) the loadable, servable model (src.serving)."""
+    label mapping, the run's note with its result, and (unless `keep_weights` is false: a grid job or sweep trial
+    that is not the best so far, see `keeps_weights`) the weights-only checkpoint and the loadable, servable model
+    (src.serving)."""
     if not tracker.leader:  # DDP: rank 0 logs the run's results and model
         return
     test = {k: float(v) for k, v in module.trainer.callback_metrics.items() if k.startswith("test/")}
@@ -223,13 +228,28 @@ def log_results(
         for name, artifact in module.task.report(*module.test_outputs).items():
             (tracker.log_figure if name.endswith(".png") else tracker.log_dict)(artifact, name)
     tracker.log_dict(datamodule.label_mapping, "label_mapping.json")
-    if cfg.tracking.log_checkpoint:
+    if cfg.tracking.log_checkpoint and keep_weights:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
             torch.save({"state_dict": module.state_dict(), "class_names": datamodule.names}, path)
             tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
-    if cfg.tracking.log_model and log_model:
+    if cfg.tracking.log_model and keep_weights:
         export.log_model(tracker, raw, module, datamodule, cfg.tracking.register_model)
+
+
+def keeps_weights(cfg: RunConfig, context: HydraContext, trial: JobTrial, tracker: MLflowRun, value: Any) -> bool:
+    """Whether the run logs its model and checkpoint (`tracking.keep_models`): always alone or with `all`; in a
+    sweep while no completed trial beats it; in a grid while no finished job of the grid scored better."""
+    if cfg.tracking.keep_models == "all":
+        return True
+    if trial.settings is not None:
+        return trial.keeps_model(value)
+    grid = multirun.read(context.multirun_dir)
+    if grid is None:
+        return True
+    first = float(value[0] if isinstance(value, list) else value)
+    metric = best_metric(cfg.objective.metric)
+    return not multirun.beaten(tracker.client, grid.parent_run_id, metric, cfg.objective.direction, first)
 
 
 def objective_value(

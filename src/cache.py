@@ -26,10 +26,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 import torch
 from filelock import FileLock
@@ -89,8 +91,35 @@ def path_digest(path: str | os.PathLike) -> str:
     return fingerprint([(str(f.relative_to(p)), file_digest(f)) for f in files])
 
 
+# Modules whose weights came from a known source (see `remember_weights`): their tensors' versions then, the
+# source's key; and each source's digest, hashed once per process.
+_SOURCES: WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[str, int], ...], str]] = WeakKeyDictionary()
+_SOURCE_DIGESTS: dict[str, str] = {}
+
+
+def _versions(module: torch.nn.Module) -> tuple[tuple[str, int], ...]:
+    """Each tensor's in-place version counter: any write (an optimizer step, `load_state_dict`) moves one."""
+    return tuple((name, t._version) for name, t in module.state_dict(keep_vars=True).items())
+
+
+def remember_weights(module: torch.nn.Module, *source: Any) -> None:
+    """The module's weights were just loaded from `source` (a weight file's content digest, a hub revision): while
+    no tensor is written, they are that source's weights, whose digest this process hashed at most once -- the
+    next job of a grid or sweep builds the same backbone and skips hashing 90 MB."""
+    _SOURCES[module] = (_versions(module), fingerprint(type(module).__name__, *source))
+
+
 def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, values): its weights' identity."""
+    known = _SOURCES.get(module)
+    if known is not None and known[0] == _versions(module):
+        if known[1] not in _SOURCE_DIGESTS:
+            _SOURCE_DIGESTS[known[1]] = _hash_state(module)
+        return _SOURCE_DIGESTS[known[1]]
+    return _hash_state(module)
+
+
+def _hash_state(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors (BN step counters) cannot view as bytes
@@ -134,6 +163,46 @@ def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
+class _Warm:
+    """Entries already loaded in this process, kept for the next job of a grid or sweep that Hydra's basic launcher
+    runs in the same process: a hit then costs a `stat`, not a read and a SHA-256 of the file. Keyed by the entry
+    file's path, size and mtime (a rewritten entry is read again), least recently used first out, bounded by the
+    entries' size on disk (`cache.warm_gb`; 0 keeps none). Values are shared: callers never modify an entry."""
+
+    def __init__(self) -> None:
+        self.budget = 0.0
+        self.entries: OrderedDict[str, tuple[tuple[int, int], int, Any]] = OrderedDict()
+
+    def get(self, path: Path) -> Any | None:
+        found = self.entries.get(str(path))
+        if found is None:
+            return None
+        stat = path.stat()
+        if found[0] != (stat.st_size, stat.st_mtime_ns):
+            del self.entries[str(path)]
+            return None
+        self.entries.move_to_end(str(path))
+        return found[2]
+
+    def put(self, path: Path, size: int, value: Any) -> None:
+        if size > self.budget:
+            return
+        stat = path.stat()
+        self.entries[str(path)] = ((stat.st_size, stat.st_mtime_ns), size, value)
+        while sum(e[1] for e in self.entries.values()) > self.budget:
+            self.entries.popitem(last=False)
+
+
+WARM = _Warm()
+
+
+def keep_warm(gb: float) -> None:
+    """Set how much this process keeps of the entries it loaded (a run's `cache.warm_gb`)."""
+    WARM.budget = gb * 1e9
+    while WARM.entries and sum(e[1] for e in WARM.entries.values()) > WARM.budget:
+        WARM.entries.popitem(last=False)
+
+
 class Cache:
     """The entries of one namespace (e.g. `features`, `tokenized`, `small_cnn`) under a cache root."""
 
@@ -154,6 +223,10 @@ class Cache:
         data, meta = self._paths(key)
         if not (data.exists() and meta.exists()):
             return None
+        warm = WARM.get(data)
+        if warm is not None:
+            self.stats.bytes += data.stat().st_size
+            return warm
         try:
             info = json.loads(meta.read_text())
             if data.stat().st_size != info["size"] or _sha256(data) != info["sha256"]:
@@ -166,6 +239,7 @@ class Cache:
                     p.unlink()
             return None
         self.stats.bytes += info["size"]
+        WARM.put(data, info["size"], value)
         return value
 
     def save(self, key: str, value: Any) -> int:

@@ -78,8 +78,12 @@ class TrackingConfig:
     log_checkpoint: bool = True
     log_model: bool = True  # log the tested weights as an MLflow pyfunc model `model` (src.serving)
     register_model: str | None = None  # also register that model in the Model Registry under this name
+    # In a grid or sweep, which jobs log their weights (model + checkpoint): `best`, a job that no finished sibling
+    # beats on the objective (the winner always keeps its weights; the others skip a model export each); `all`.
+    keep_models: str = "best"
 
     def __post_init__(self) -> None:
+        check(self.keep_models in ("best", "all"), f"keep_models: best | all, got {self.keep_models!r}")
         check(
             self.register_model is None or self.log_model,
             "register_model: needs log_model=true (only a logged model can be registered)",
@@ -157,8 +161,12 @@ class CacheConfig:
     # A run holds its feature entries in RAM; a frozen prefix's token states (tokens x hidden x 4 bytes) can exceed
     # it (100k documents x 512 tokens x 768 ~ 150 GB). Beyond this estimate the run trains uncached. None: no bound.
     max_memory_gb: float | None = 8.0
+    # Entries a process keeps loaded for its next job (a grid's or sweep's jobs in one process); 0: none.
+    warm_gb: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.warm_gb < 0:
+            raise ValueError(f"warm_gb: must be >= 0, got {self.warm_gb}")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             raise ValueError(f"max_memory_gb: must be > 0 or null (no bound), got {self.max_memory_gb}")
 

@@ -12,6 +12,10 @@ What is cached, per split (train / val / test), in float32 and in data-set order
   and `probe_fit`, a `milestones`/`gradual_unfreeze` schedule's first epochs): used in those epochs;
 - **a distillation teacher's logits**, attached to every sample.
 
+Named evaluation sets (`data.eval_sets`) are splits too (`eval/<name>`), each keyed by its spec and source rather
+than its name (`DataModule.split_identity`), so a corrupted test split's features are computed once, and adding a
+set leaves the other splits' entries valid.
+
 The frozen part runs in eval mode (no dropout; batch norm on its running statistics), so it is deterministic:
 frozen groups holding batch norm are cached only under the default `finetune.bn` policy (eval mode, affine
 frozen). When the training inputs are augmented (regularization.augment / mixup, an image folder's flips) the
@@ -75,6 +79,18 @@ def deterministic(strategy: Strategy, backbone: Backbone, cut: int) -> bool:
     bn = strategy.cfg.bn
     has_bn = any(True for group in backbone.layer_groups()[:cut] for _ in batch_norms(group))
     return strategy.frozen_groups_fixed and not (has_bn and (bn.train_affine or not bn.eval_mode))
+
+
+def fixed_state(strategy: Strategy, module: nn.Module, backbone: Backbone, epochs: int) -> set[str]:
+    """`module.state_dict()` keys of the backbone's leading layer groups that no epoch changes (frozen throughout,
+    deterministic): checkpoints can leave them out, since the run rebuilds them as they were (see
+    `TransferModule.fixed_state`). For a linear probe that is the whole backbone: a checkpoint holds the head."""
+    groups = backbone.layer_groups()
+    frozen = frozen_prefix(strategy, len(groups), epochs)
+    if frozen == 0 or not deterministic(strategy, backbone, frozen):
+        return set()
+    names = {id(m): name for name, m in module.named_modules()}
+    return {f"{names[id(m)]}.{key}" for group in groups[:frozen] for m in group.modules for key in m.state_dict()}
 
 
 def static_cut(strategy: Strategy, backbone: Backbone, epochs: int) -> int:
@@ -221,6 +237,14 @@ class CachedSplit(_Delegating):
             return {FROZEN_TOKENS: self.tokens[index], "labels": self.labels[index]}
         return {FROZEN: self.values[index], "labels": self.labels[index]}
 
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """A batch of pooled features as one indexing per tensor (the DataLoader asks for whole batches): no
+        per-sample dicts to build and stack, which cost a cached linear probe more than its math."""
+        if self.values is None:
+            return [self[i] for i in indices]
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {FROZEN: self.values[index], "labels": self.labels[index]}
+
 
 class WithCached(_Delegating):
     """A split's samples, each with its cached value(s) added under the given batch key(s)."""
@@ -248,7 +272,9 @@ class CachedCollate:
     def __init__(self, base: Callable | None, keys: Sequence[str]) -> None:
         self.base, self.keys = base or default_collate, (*keys, FROZEN_TOKENS)
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(items, dict):  # a batch `CachedSplit.__getitems__` already assembled
+            return items
         cached = [k for k in self.keys if k in items[0]]
         rest = [{k: v for k, v in item.items() if k not in cached} for item in items]
         batch = dict(self.base(rest)) if len(rest[0]) > 1 else {"labels": default_collate([r["labels"] for r in rest])}
@@ -304,7 +330,8 @@ class FeatureCache:
         if id(model) not in self.identities:
             self.identities[id(model)] = model_identity(model)
         identity = self.identities[id(model)]
-        key = fingerprint(VERSION, str(DTYPE), what, identity, self.inputs, self.data, split)
+        split_key = self.datamodule.split_identity(split)
+        key = fingerprint(VERSION, str(DTYPE), what, identity, self.inputs, self.data, split_key)
         desc = f"features: {what['output']} of {split}"
         dataset = self.datamodule.splits[split]
         misses = self.cache.stats.misses
@@ -358,7 +385,9 @@ class FeatureCache:
         callbacks: list[pl.Callback] = []
         attached: dict[str, dict[str, torch.Tensor]] = {split: {} for split in splits}
         cut = static_cut(strategy, backbone, epochs)
-        if cut and not self.fits(splits, backbone, lambda b, c=cut: backbone.prefix_output(c, b), "frozen prefix"):
+        # Pooled features (cut n) are a few KB a sample; only a prefix's token states or feature maps can outgrow RAM.
+        prefix = lambda b, c=cut: backbone.prefix_output(c, b)  # noqa: E731
+        if 0 < cut < n and not self.fits(splits, backbone, prefix, "frozen prefix"):
             cut = 0
         if cut:
             what = {"output": "frozen prefix" if cut < n else "features", "cut": cut, "groups": n}
@@ -385,6 +414,12 @@ class FeatureCache:
         return callbacks
 
 
+def horizon(cfg: RunConfig) -> int:
+    """The epochs a run may train: `trainer.max_epochs`, else Lightning's default horizon."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    return max_epochs if max_epochs is not None and max_epochs > 0 else 1000
+
+
 def use_cache(
     cfg: RunConfig,
     strategy: Strategy,
@@ -397,8 +432,7 @@ def use_cache(
     cache's hits/misses/bytes/seconds to MLflow as `cache/features/*`, return the callbacks the run needs."""
     if not cfg.cache.enabled:
         return []
-    max_epochs = cfg.trainer.get("max_epochs")
-    epochs = max_epochs if max_epochs is not None and max_epochs > 0 else 1000  # Lightning's default horizon
+    epochs = horizon(cfg)
     features = FeatureCache(cfg.cache, datamodule, cfg.trainer.get("accelerator"))
     callbacks = features.attach(strategy, module, augmented or datamodule.train_augmented, epochs)
     tracker.log_metrics(features.cache.stats.as_metrics(NAMESPACE))

@@ -101,6 +101,10 @@ class TransferModule(pl.LightningModule):
         # `use_frozen` says whether that applies now (False in epochs where those groups train).
         self.frozen_cut: int | None = None
         self.use_frozen = False
+        # State entries no epoch changes (src.features.fixed_state): left out of checkpoints, restored from the module
+        # itself on load. A linear probe's checkpoint is then its head, not a 90 MB copy of the pretrained encoder
+        # written at every improving epoch and read back for the test.
+        self.fixed_state: set[str] = set()
 
     def features(self, batch: Batch, use_frozen: bool | None = None) -> torch.Tensor:
         """The backbone's features: only the layer groups after the cut run when the batch carries the cached
@@ -180,6 +184,19 @@ class TransferModule(pl.LightningModule):
             return
         self.test_outputs = self._pass()
         self.log_dict(self.task.evaluate(*self.test_outputs, "test/"))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in self.fixed_state:
+            state.pop(key, None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if not self.fixed_state:
+            return
+        current = self.state_dict()
+        state = checkpoint["state_dict"]
+        for key in self.fixed_state:
+            state.setdefault(key, current[key])
 
     def configure_optimizers(self) -> dict:
         return self._configure_optim(self)

@@ -14,10 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from src import build, features, lr_finder, preflight, regularization
 from src.adapt import ADAPT
 from src.adapt.selection import TargetEvaluation
+from src.cache import keep_warm
 from src.config import RunConfig, validate
 from src.context import HydraContext, hydra_context
 from src.data import DATA
 from src.errors import one_clear_answer
+from src.eval_sets import EvalSets
 from src.finetune import FINETUNE
 from src.health import HealthCheck
 from src.module import Head, TransferModule
@@ -54,6 +56,7 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         trial.running(tracker),
     ):
         build.start(tracker, raw, context, resumed=resume is not None)
+        keep_warm(cfg.cache.warm_gb)
         pl.seed_everything(cfg.seed, workers=True)
         strategy = FINETUNE.build(raw.finetune, client=tracker.client)
         backbone = build.backbone(cfg, raw, strategy, tracker.client)
@@ -81,6 +84,7 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
             ce_weight=strategy.ce_weight,
             aux_modules=adapter.modules(),
         )
+        module.fixed_state = features.fixed_state(strategy, module, backbone, features.horizon(cfg))
         cached = features.use_cache(cfg, strategy, module, datamodule, bool(regularizers.batch_transforms), tracker)
         if cfg.optim.lr_find:  # may set cfg.optim.lr, which configure_optim reads at fit
             lr_finder.run(tracker, module, datamodule, cfg.optim, strategy.callbacks(), cfg.trainer)
@@ -88,6 +92,8 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         extra = [*strategy.callbacks(), *regularizers.callbacks, *cached]
         if datamodule.has_target:  # target-domain metrics and label-free selection scores (src.adapt)
             extra.append(TargetEvaluation(datamodule, cfg.objective.metric, cfg.objective.direction == "maximize"))
+        if cfg.data.eval_sets:  # test/<name>/<metric> of every named evaluation set
+            extra.append(EvalSets(cfg.data.eval_sets_every_val))
         checkpoint, callbacks = build.callbacks(cfg, extra, context)
         trainer = pl.Trainer(
             **cfg.trainer, callbacks=[*callbacks, health, STOP, *trial.callbacks()], logger=tracker.logger()
@@ -96,7 +102,8 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         tracker.set_tags(health.tags())
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
         value = build.objective_value(cfg, trainer, checkpoint, tracker)
-        build.log_results(tracker, cfg, raw, module, datamodule, context, log_model=trial.keeps_model(value))
+        keep = build.keeps_weights(cfg, context, trial, tracker, value)
+        build.log_results(tracker, cfg, raw, module, datamodule, context, keep_weights=keep)
         value = trial.complete(value)
     if tracker.leader:  # DDP: one summary, from rank 0
         print(run_summary(tracker.client.get_run(tracker.run_id), cfg.objective.metric, tracker.uri), flush=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.cache import Cache, file_digest, fingerprint, state_digest
+from src.cache import Cache, file_digest, fingerprint, keep_warm, remember_weights, state_digest
+from src.config import CacheConfig
 
 
 def test_fingerprint_is_order_free_and_sensitive_to_every_part() -> None:
@@ -87,3 +88,39 @@ def test_two_processes_racing_on_an_empty_cache_get_identical_values(tmp_path: P
     a, b = (torch.load(o, weights_only=True)["x"] for o in outs)
     assert torch.equal(a, b)
     assert [p.name for p in (tmp_path / "race").glob("*.pt")] == ["k.pt"]
+
+
+def test_a_process_keeps_loaded_entries_warm_until_the_file_changes(tmp_path: Path) -> None:
+    """`cache.warm_gb`: the next job of a grid gets the entry this process already loaded (the same object), until
+    the entry's file is rewritten; a budget of 0 keeps nothing."""
+    cache = Cache("ns", tmp_path)
+    cache.save("k", {"x": torch.arange(4)})
+    try:
+        keep_warm(1.0)
+        first, again = cache.load("k"), cache.load("k")
+        assert again is first and torch.equal(first["x"], torch.arange(4))
+        time.sleep(0.01)
+        cache.save("k", {"x": torch.arange(5)})  # rewritten: new size and mtime
+        assert torch.equal(cache.load("k")["x"], torch.arange(5))
+        keep_warm(0)
+        assert cache.load("k") is not cache.load("k")
+    finally:
+        keep_warm(CacheConfig.warm_gb)
+
+
+def test_weights_from_a_known_source_are_hashed_once_per_process() -> None:
+    """`remember_weights`: the second backbone built from the same source gets the digest the first one hashed
+    (a module that is not those weights would reveal it: its own hash differs); a write to a tensor (a step,
+    `load_state_dict` of `finetune.init_from`) makes the digest that of the values again."""
+    first, second, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    second.load_state_dict(first.state_dict())
+    remember_weights(first, "weights.safetensors digest")
+    digest = state_digest(first)
+    assert digest == state_digest(second)
+    remember_weights(other, "weights.safetensors digest")  # a stand-in: the source's digest, not its own hash
+    assert state_digest(other) == digest
+    with torch.no_grad():
+        other.weight.add_(1.0)
+    assert state_digest(other) != digest
+    other.load_state_dict(first.state_dict())
+    assert state_digest(other) == digest

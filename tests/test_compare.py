@@ -91,6 +91,7 @@ class Store:
         params: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
         trainable: float = 1000,
+        logged: dict[str, float] | None = None,  # further final metrics: test/<set>/acc, ...
     ) -> str:
         self.n += 1
         start = 1_000_000 + 100_000 * self.n
@@ -114,6 +115,7 @@ class Store:
         if val is not None:  # the best of three validations is `val`; test = val - 0.01
             metrics += [Metric("val/acc", v, start, step) for step, v in enumerate([val - 0.1, val, val - 0.05])]
             metrics.append(Metric("test/acc", val - 0.01, start, 0))
+        metrics += [Metric(k, v, start, 0) for k, v in (logged or {}).items()]
         self.client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in all_params.items()])
         if status != "RUNNING":
             self.client.set_terminated(run_id, status, end_time=start + 12_000)

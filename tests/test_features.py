@@ -68,6 +68,26 @@ def test_cached_run_matches_uncached_and_hits_on_repeat(tmp_path: Path, strategy
         assert again[key] == first[key], key  # a hit and a miss leave the same random stream
 
 
+def test_checkpoints_leave_out_the_groups_no_epoch_changes(tmp_path: Path) -> None:
+    """`partial k=2`: the Lightning checkpoints hold the trained groups and the head, not the two frozen groups,
+    which loading takes from the module as built (same pretrained weights); the test pass loaded it (the cached vs
+    uncached test above checks the metrics)."""
+    run_in_process(tmp_path, *DIGITS, "finetune=partial", "finetune.k=2")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id])
+    saved = torch.load(Path(found.data.tags["output_dir"], "checkpoints", "best.ckpt"), weights_only=False)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        raw = compose("config", overrides=["cache.dir=" + str(tmp_path / "cache")])
+    backbone = BACKBONES.build(raw.backbone)
+    groups = backbone.layer_groups()
+    names = {id(m): f"backbone.{name}" for name, m in backbone.named_modules()}
+    frozen = {f"{names[id(m)]}.{k}" for g in groups[:2] for m in g.modules for k in m.state_dict()}
+    trained = {f"{names[id(m)]}.{k}" for g in groups[2:] for m in g.modules for k in m.state_dict()}
+    keys = set(saved["state_dict"])
+    assert frozen and not frozen & keys
+    assert trained <= keys and {"head.1.weight", "head.1.bias"} <= keys
+
+
 def test_a_prefix_cache_beyond_the_memory_budget_trains_uncached(tmp_path: Path, caplog) -> None:
     """The estimate (per-sample bytes x samples) runs before encoding; over `cache.max_memory_gb` nothing is cached
     and the run trains on raw inputs, with the same result as a run without the cache."""

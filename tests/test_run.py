@@ -122,6 +122,17 @@ def test_multirun_grid_is_one_parent_with_a_child_per_job(tmp_path: Path) -> Non
     assert summary.count("FINISHED") == 4 and best.info.run_id in summary.splitlines()[2]
     assert summary.strip() in parent.data.tags["mlflow.note.content"], "the UI shows the table as the description"
     assert {r.data.tags["job_num"] for r in children} == {"0", "1", "2", "3"}
+    # tracking.keep_models=best: a job keeps its weights (model + checkpoint) only if no finished job beat it.
+    client = client_for(tmp_path)
+    models = client.search_logged_models([parent.info.experiment_id])
+    with_model = {m.source_run_id for m in models}
+    with_checkpoint = {
+        r.info.run_id for r in children if "checkpoints" in {a.path for a in client.list_artifacts(r.info.run_id)}
+    }
+    values = [r.data.metrics["best/val/acc"] for r in sorted(children, key=lambda r: int(r.data.tags["job_num"]))]
+    ordered = sorted(children, key=lambda r: int(r.data.tags["job_num"]))
+    kept = {r.info.run_id for i, r in enumerate(ordered) if values[i] >= max(values[: i + 1])}
+    assert with_model == with_checkpoint == kept and best.info.run_id in kept
     assert len({r.data.tags["multirun_dir"] for r in found}) == 1
     assert f"under parent run {parent.info.run_id}" in proc.stdout
     assert f"#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in proc.stdout

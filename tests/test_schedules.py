@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.finetune import FINETUNE
 from src.optim import OptimConfig
+from src.schema import ConfigError
 from tests.test_freeze import build, trainer
 
 EPOCHS = 4
@@ -150,6 +151,26 @@ def test_lp_ft_probe_fit_sets_the_head_to_the_logistic_regression_optimum() -> N
     loss.backward()
     assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
     assert ((x @ weight.T + bias).argmax(-1) == y).float().mean() > 0.5  # 5 classes: far above chance
+
+
+def test_linear_probe_fit_is_the_optimum_after_its_epoch_and_refuses_more() -> None:
+    """`finetune=linear_probe probe_fit=true`: fitted once, then the epoch's steps (LR 0) leave it where it is."""
+    strategy, module, dm = build({"name": "linear_probe", "probe_fit": True, "probe_l2": 1e-3})
+    rec = HeadAtStart()
+    trainer([*strategy.callbacks(), rec], max_epochs=1).fit(module, datamodule=dm)
+    linear = module.head[-1]
+    assert torch.equal(linear.weight, rec.weight) and torch.equal(linear.bias, rec.bias)
+    module.eval()
+    with torch.no_grad():
+        batches = list(dm.train_dataloader())
+        x = torch.cat([module.backbone(b) for b in batches]).double()
+        y = torch.cat([b["labels"] for b in batches])
+    weight = linear.weight.detach().double().requires_grad_()
+    bias = linear.bias.detach().double().requires_grad_()
+    (torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + 1e-3 * weight.pow(2).sum()).backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="set trainer.max_epochs=1"):
+        strategy.check(3, 2)
 
 
 def test_milestones_reject_unknown_group_names() -> None:

@@ -20,7 +20,16 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from src.sweep.config import conditions, grid_size, load, pruner, sampler, search_space, suggest
+from src.sweep.config import (
+    check_fold_dimension,
+    conditions,
+    grid_size,
+    load,
+    pruner,
+    sampler,
+    search_space,
+    suggest,
+)
 from src.sweep.schema import PRUNERS, SAMPLERS, SweepConfig, SweepError
 from src.sweep.storage import (
     PASSWORD_ENV,
@@ -249,7 +258,27 @@ def test_sweep_without_multirun_is_refused(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "launch it with -m" in proc.stderr
 
 
+def test_a_searched_fold_is_refused_before_any_trial(tmp_path: Path) -> None:
+    """`cv.fold` as a dimension of a TPE study with pruning: exit 2 with what to do instead, and no trial."""
+    from tests.test_cv import reviews
+
+    text = ["data=text_table", f"data.train_path={reviews(tmp_path)}", "data.text_column=text", "backbone=minilm"]
+    proc = run_cli(["-m", f"sweep={STUDY}", *isolated(tmp_path), *text, "cv.folds=3", "cv.fold=range(3)"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cv.fold: a fold is not a hyperparameter (the tpe sampler and median pruner" in proc.stderr
+    assert not (tmp_path / "optuna.journal").exists()
+
+
 # Pure helpers: fast, real Optuna / Hydra objects.
+
+
+def test_folds_are_searchable_only_as_an_unpruned_grid() -> None:
+    space = search_space({"optim.lr": [0.01, 0.1], "cv.fold": [0, 1, 2]})
+    for settings in ({"sampler": "tpe", "pruner": "none"}, {"sampler": "grid", "pruner": "median"}):
+        with pytest.raises(SweepError, match="cv.fold: a fold is not a hyperparameter"):
+            check_fold_dimension(space, load(settings))
+    check_fold_dimension(space, load({"sampler": "grid", "pruner": "none"}))  # every fold of every lr, alike
+    check_fold_dimension(search_space({"optim.lr": [0.01, 0.1]}), load({}))  # a fixed fold is no dimension
 
 
 def test_search_space_forms() -> None:

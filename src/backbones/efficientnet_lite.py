@@ -19,6 +19,7 @@ from torch import nn
 from src.backbones.base import Backbone, LayerGroup, Preprocessing, check_depth_fits
 from src.backbones.config import EfficientNetLiteConfig
 from src.backbones.groups import check_partition, module_layer_groups
+from src.cache import file_digest, remember_weights
 
 FEATURE_DIM = 1280
 MIN_IMAGE_SIZE = 32  # the network's total stride: below it the last stages only see 1x1 maps
@@ -112,5 +113,7 @@ def build_efficientnet_lite(cfg: EfficientNetLiteConfig, pretrained: bool = True
         backbone.truncate(cfg.depth)
     elif pretrained:
         backbone.source_classifier = (net._fc.weight.detach().clone(), net._fc.bias.detach().clone())
+    if pretrained:  # after the cut: the weights kept are the file's first `depth` groups
+        remember_weights(backbone, file_digest(weights_path(cfg.variant)), cfg.depth)
     check_partition(backbone, backbone.layer_groups())
     return backbone

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from src.backbones.base import Backbone, LayerGroup, Preprocessing, State, check_depth_fits
 from src.backbones.config import HFConfig, check_pooling
 from src.backbones.groups import check_partition, module_layer_groups
+from src.cache import path_digest, remember_weights
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,10 @@ def build_hf(cfg: HFConfig, pretrained: bool = True) -> HFBackbone:
     backbone = HFBackbone(model, preprocessing, cfg.pooling)
     if cfg.depth is not None:
         backbone.truncate(cfg.depth)
+    if pretrained and Path(cfg.model).is_dir():  # after the cut: the weights kept are the source's first groups
+        remember_weights(backbone, path_digest(cfg.model), cfg.depth)
+    elif pretrained and getattr(config, "_commit_hash", None):
+        remember_weights(backbone, cfg.model, config._commit_hash, cfg.depth)
     groups = backbone.layer_groups()
     check_partition(backbone, groups)
     weights = "pretrained" if pretrained else "random"

@@ -4,7 +4,7 @@ the best group on the same data and with the from-scratch baseline, and the reco
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,15 +82,21 @@ class Group:
         return ", ".join(f"{k}={self.values[k]}" for k in keys) or "all runs"
 
     def by_seed(self, compared: str) -> dict:
-        """Compared metric per replicate: the seed, or (seed, fold) under k-fold, so differences pair by fold (the
-        fold fixes the validation examples) and by seed; runs without a seed or with a repeated key get their own
-        key (never paired)."""
+        """The compared metric (`val` or `test`) per replicate; see `replicates`."""
+        return self.replicates(lambda r: getattr(r, compared))
+
+    def replicates(self, value: Callable[[RunRecord], float | None]) -> dict:
+        """`value` of each run that has one, per replicate: the seed, or (seed, fold) under k-fold, so differences
+        pair by fold (the fold fixes the validation examples) and by seed; runs without a seed or with a repeated key
+        get their own key (never paired)."""
         out: dict = {}
         for r in self.runs:
+            if (v := value(r)) is None:
+                continue
             fold = r.value("cv.fold") if r.value("cv.folds") is not None else None
             replicate = r.seed if fold is None else (r.seed, fold)
             key = replicate if r.seed is not None and replicate not in out else ("run", r.run_id)
-            out[key] = getattr(r, compared)
+            out[key] = v
         return out
 
     @property
@@ -207,12 +213,12 @@ def _compare_with_best(comparison: Comparison) -> None:
         best.is_best = True
         for g in members:
             if g is not best:
-                g.vs_best = _oriented(
+                g.vs_best = oriented(
                     difference(g.by_seed(compared), best.by_seed(compared), comparison.confidence), comparison
                 )
 
 
-def _oriented(est: Estimate, comparison: Comparison) -> Estimate:
+def oriented(est: Estimate, comparison: Comparison) -> Estimate:
     """A difference a - b flipped for minimised metrics, so positive always means `a` is better."""
     if comparison.selection.maximize:
         return est
@@ -234,7 +240,7 @@ def _transfer_gain(comparison: Comparison) -> None:
         if not same or g.is_scratch:
             continue
         g.baseline = max(same, key=lambda s: comparison.orient(s.metric.mean))
-        g.gain = _oriented(
+        g.gain = oriented(
             difference(g.by_seed(compared), g.baseline.by_seed(compared), comparison.confidence), comparison
         )
 

@@ -42,7 +42,11 @@ class CompareSettings:
         metadata={"help": "an MLflow search filter, e.g. \"tags.data = 'digits' and params.optim.lr = '0.003'\""},
     )
     metric: str | None = field(
-        default=None, metadata={"help": "default: the runs' objective.metric (val/acc, ...); test/acc compares on test"}
+        default=None,
+        metadata={
+            "help": "default: the runs' objective.metric (val/acc, ...); test/acc compares on test, "
+            "test/<eval set>/acc on an eval set"
+        },
     )
     direction: str | None = field(
         default=None, metadata={"help": "maximize | minimize; default: the runs' objective.direction"}
@@ -104,7 +108,7 @@ def parse(overrides: list[str]) -> CompareSettings:
 def run(settings: CompareSettings, launch_dir: Path | None = None) -> tuple[Path, str | None]:
     """Select, compare, write the report (and log it); returns the folder and the report's MLflow run id."""
     # Imported here, so that --help and input errors answer at once (MLflow, matplotlib and scipy take seconds).
-    from src.compare import report
+    from src.compare import report, shift
     from src.compare.analysis import compare, recommend
     from src.compare.runs import open_store, select
     from src.tracking.mlflow_run import resolve_uri
@@ -121,7 +125,7 @@ def run(settings: CompareSettings, launch_dir: Path | None = None) -> tuple[Path
     title = f"Comparison: experiment `{settings.experiment}`" + (
         f", sweep `{settings.sweep}`" if settings.sweep else ""
     )
-    report.build(comparison, out, title, rec)
+    report.build(comparison, out, title, rec, shift.analyse(comparison))
     print((out / "report.md").read_text(encoding="utf-8"))
     run_id = None
     if settings.log:

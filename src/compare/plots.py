@@ -1,5 +1,6 @@
 """The report's figures: the metric per group with CIs, learning curves over training-set size, metric against
-cost with the Pareto front, and an Optuna sweep's best-so-far and expected maximum over k trials."""
+cost with the Pareto front, an Optuna sweep's best-so-far and expected maximum over k trials, and effective
+robustness (shift metric against ID metric)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from src.compare.analysis import Comparison, Group, as_number, contexts  # noqa: E402
+from src.compare.shift import Shift, fit_trend  # noqa: E402
 from src.compare.stats import Estimate, expected_max  # noqa: E402
 
 
@@ -140,6 +142,51 @@ def sweep_curves(comparison: Comparison, path: Path) -> Path:
     for ax in (left, right):
         ax.set_ylabel(sel.metric)
         ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _half_widths(est: Estimate) -> list[list[float]] | None:
+    return [[est.mean - est.low], [est.high - est.mean]] if est.has_interval else None
+
+
+def effective_robustness(comparison: Comparison, shift: Shift, path: Path) -> Path:
+    """Per shift metric (the mean over sets, then each set), the metric against ID: a point per group with CIs on
+    both axes (a colour per group), its WiSE-FT alphas as a curve of hollow points in its colour, the least-squares
+    trend through the groups of each data set (black, dashed), and y = x (no drop) for reference."""
+    columns = list(dict.fromkeys([shift.summary, *shift.sets]))  # the summary (mean over sets) first
+    colors = {id(g): f"C{i % 10}" for i, g in enumerate(comparison.groups)}
+    styles = {c: ("--", "-.", ":")[i % 3] for i, c in enumerate(dict.fromkeys(r.trend_context for r in shift.rows))}
+    fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5.5), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        points = [(r, r.estimates[None], r.estimates[column]) for r in shift.rows]
+        points = [(r, x, y) for r, x, y in points if x is not None and y is not None]
+        curves: dict[int, list[tuple[float, float]]] = {}  # per group: its alphas, ascending
+        for row, x, y in points:
+            color = colors[id(row.group)]
+            plain = row.alpha is None
+            err = {"xerr": _half_widths(x), "yerr": _half_widths(y)}
+            label = row.label(comparison.series_keys) if plain else None
+            ax.errorbar(x.mean, y.mean, **err, fmt="o", color=color, mfc=color if plain else "white", capsize=3,
+                        alpha=0.9 if plain else 0.6, label=label)  # fmt: skip
+            if not plain:
+                curves.setdefault(id(row.group), []).append((x.mean, y.mean))
+                ax.annotate(f"α={row.alpha}", (x.mean, y.mean), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        for group_id, curve in curves.items():
+            ax.plot(*zip(*curve, strict=True), "-", color=colors[group_id], alpha=0.8)
+        for context, style in styles.items():
+            own = [(x.mean, y.mean) for r, x, y in points if r.trend_context == context and r.alpha is None]
+            if (trend := fit_trend(own)) is not None:
+                xs = [min(x for x, _ in own), max(x for x, _ in own)]
+                where = f" ({', '.join(map(str, context))})" if context else ""
+                label = f"trend{where}: y = {trend.slope:.2f} x {trend.intercept:+.3f}"
+                ax.plot(xs, [trend(x) for x in xs], style, color="black", label=label)
+        lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+        ax.plot(lims, lims, ":", color="gray", lw=1, label="y = x (no drop)")
+        ax.set_xlabel(f"ID {shift.metric.test()} (mean, {comparison.confidence:.0%} CI)")
+        ax.set_ylabel(f"{column}: {shift.metric.test(column if column in shift.sets else '<set>')}")
+        ax.set_title(column, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", title="hollow: WiSE-FT α", title_fontsize=7)
         ax.grid(alpha=0.3)
     return _save(fig, path)
 

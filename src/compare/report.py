@@ -16,6 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from src.compare import plots
 from src.compare.analysis import Comparison, Group, Recommendation, as_number, contexts, recommend_at
 from src.compare.runs import REPORT_TAG, RunRecord
+from src.compare.shift import Shift, ShiftRow
 from src.compare.stats import Estimate, difference
 from src.sweep.trial import ROLE_TAG
 
@@ -49,14 +50,15 @@ def flag(value: bool | None, yes: str, no: str = "") -> str:
     return "?" if value is None else (yes if value else no)
 
 
+def ci_header(comparison: Comparison) -> str:
+    return "95 % CI" if comparison.confidence == 0.95 else f"{comparison.confidence:.0%} CI"
+
+
 def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     sel = comparison.selection
-    header = [
-        *comparison.keys,
-        "n",
-        f"{sel.val_metric} mean ± std",
-        "95 % CI" if comparison.confidence == 0.95 else f"{comparison.confidence:.0%} CI",
-    ]
+    header = [*comparison.keys, "n"]
+    if sel.val_metric:  # an eval-set metric (test/rotate/acc) has no validation counterpart
+        header += [f"{sel.val_metric} mean ± std", ci_header(comparison)]
     if sel.test_metric:
         header += [f"{sel.test_metric} mean ± std", "CI"]
     header += ["Δ vs best [CI]", "within noise", "gain vs scratch [CI]", "negative transfer"]
@@ -64,7 +66,9 @@ def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     rows = []
     for g in comparison.groups:
         row = [str(g.values[k]) for k in comparison.keys]
-        row += [str(len(g.runs)), fmt_mean(g.val), fmt_ci(g.val)]
+        row += [str(len(g.runs))]
+        if sel.val_metric:
+            row += [fmt_mean(g.val), fmt_ci(g.val)]
         if sel.test_metric:
             row += [fmt_mean(g.test), fmt_ci(g.test)]
         row += [
@@ -86,15 +90,23 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def csv_text(comparison: Comparison) -> str:
-    """One row per group with raw numbers (empty = not available), for spreadsheets and scripts."""
+def estimate_fields(prefix: str, e: Estimate | None) -> dict[str, object]:
+    e = e or Estimate(0, math.nan, None)
+    return {f"{prefix}_mean": e.mean, f"{prefix}_std": e.std, f"{prefix}_low": e.low, f"{prefix}_high": e.high}
+
+
+def csv_table(records: list[dict[str, object]]) -> str:
+    """Records with the same keys as CSV; None and NaN are empty cells (not available)."""
     out = io.StringIO()
     writer = csv.writer(out)
+    writer.writerow(records[0].keys())
+    for record in records:
+        writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in record.values()])
+    return out.getvalue()
 
-    def est(prefix: str, e: Estimate | None) -> dict[str, object]:
-        e = e or Estimate(0, math.nan, None)
-        return {f"{prefix}_mean": e.mean, f"{prefix}_std": e.std, f"{prefix}_low": e.low, f"{prefix}_high": e.high}
 
+def csv_text(comparison: Comparison) -> str:
+    """One row per group with raw numbers (empty = not available), for spreadsheets and scripts."""
     records = []
     for g in comparison.groups:
         records.append(
@@ -102,14 +114,14 @@ def csv_text(comparison: Comparison) -> str:
                 **g.values,
                 "n": len(g.runs),
                 "seeds": " ".join(str(r.seed) for r in g.runs),
-                **est("val", g.val),
-                **est("test", g.test),
+                **estimate_fields("val", g.val),
+                **estimate_fields("test", g.test),
                 "best": g.is_best,
-                **est("vs_best", g.vs_best),
+                **estimate_fields("vs_best", g.vs_best),
                 "paired": g.vs_best.paired if g.vs_best else None,
                 "within_noise": g.within_noise,
                 "baseline": g.baseline.label() if g.baseline else None,
-                **est("gain", g.gain),
+                **estimate_fields("gain", g.gain),
                 "negative_transfer": g.negative_transfer,
                 "trainable_params": g.trainable_params,
                 "seconds_per_epoch": g.seconds_per_epoch,
@@ -117,10 +129,76 @@ def csv_text(comparison: Comparison) -> str:
                 "run_ids": " ".join(r.run_id for r in g.runs),
             }
         )
-    writer.writerow(records[0].keys())
-    for record in records:
-        writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in record.values()])
-    return out.getvalue()
+    return csv_table(records)
+
+
+def shift_lines(comparison: Comparison, shift: Shift) -> list[str]:
+    """The shift table (ID, each eval set, their mean, worst set, drop, effective robustness) and each shift
+    metric against the best group on it."""
+    keys = comparison.keys
+    sign = "ID − shift" if comparison.selection.maximize else "shift − ID"
+    alpha = ["α"] if shift.alphas else []
+    header = [*keys, *alpha, "n", f"ID {shift.metric.test()} [CI]", *(f"{c} [CI]" for c in shift.columns)]
+    header += ["worst set", f"drop: {sign} [CI]", "effective robustness"]
+    rows, flags = [], []
+    for row in shift.rows:
+        label = [str(row.group.values[k]) for k in keys] + ([row.alpha or "–"] if shift.alphas else [])
+        rows.append(
+            [
+                *label,
+                str(len(row.group.runs)),
+                *(
+                    f"{fmt(e.mean)} {fmt_ci(e)}" if e else "–"
+                    for e in (row.estimates[c] for c in [None, *shift.columns])
+                ),
+                row.worst or "–",
+                f"{fmt(row.drop.mean)} {fmt_ci(row.drop)}" if row.drop else "–",
+                f"{row.effective_robustness:+.4f}" if row.effective_robustness is not None else "–",
+            ]
+        )
+        flags.append([*label, *(against_best(row, c) for c in shift.columns)])
+    where = f" per {', '.join(shift.trend_keys)}" if shift.trends and shift.trend_keys else ""
+    return [
+        "## Under distribution shift",
+        "",
+        f"ID = `{shift.metric.test()}` (in-distribution test); eval sets: {', '.join(shift.sets)} "
+        f"(`{shift.metric.test('<set>')}`)"
+        + (f"; WiSE-FT α: {', '.join(shift.alphas)} (one row each)" if shift.alphas else "")
+        + f". Drop = {sign} per replicate (paired), positive = worse under shift. Effective robustness = "
+        f"{shift.summary} minus the least-squares line through the groups' (ID, {shift.summary}) means{where} "
+        "(WiSE-FT rows are measured against it, not fitted); positive = more robust than its ID metric predicts.",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Against the best on each shift metric (Δ [CI], paired by seed and fold when both ran the same ones):",
+        "",
+        markdown_table([*keys, *alpha, *shift.columns], flags),
+        "",
+    ]
+
+
+def against_best(row: ShiftRow, column: str) -> str:
+    if column in row.best_on:
+        return "best"
+    if column not in row.vs_best:
+        return "–"
+    return f"{fmt_diff(row.vs_best[column])}, {flag(row.within_noise(column), 'within noise', 'beyond noise')}"
+
+
+def shift_csv(comparison: Comparison, shift: Shift) -> str:
+    """One row per group (and WiSE-FT alpha) with raw numbers: shift.csv."""
+    records = []
+    for row in shift.rows:
+        record: dict[str, object] = {**row.group.values, "alpha": row.alpha, "n": len(row.group.runs)}
+        record |= estimate_fields("id", row.estimates[None])
+        for c in shift.columns:
+            record |= estimate_fields(c, row.estimates[c])
+            record |= estimate_fields(f"{c} vs_best", row.vs_best.get(c))
+            record[f"{c} within_noise"] = row.within_noise(c)
+        record |= estimate_fields("drop", row.drop)
+        record |= {"worst_set": row.worst, "effective_robustness": row.effective_robustness}
+        records.append(record)
+    return csv_table(records)
 
 
 def regime_lines(comparison: Comparison) -> list[str]:
@@ -204,8 +282,10 @@ def is_sweep(comparison: Comparison) -> bool:
     return len(runs) >= 2 and all(r.tags.get(ROLE_TAG) == "trial" for r in runs)
 
 
-def build(comparison: Comparison, out: Path, title: str, rec: Recommendation | None = None) -> list[Path]:
-    """Write report.md, groups.csv and the PNGs into `out`; returns the files written."""
+def build(
+    comparison: Comparison, out: Path, title: str, rec: Recommendation | None = None, shift: Shift | None = None
+) -> list[Path]:
+    """Write report.md, groups.csv (and shift.csv) and the PNGs into `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     sel = comparison.selection
     header, rows = table_rows(comparison)
@@ -229,6 +309,10 @@ def build(comparison: Comparison, out: Path, title: str, rec: Recommendation | N
         "",
     ]
     files = [plots.metric_by_group(comparison, out / "metric_by_group.png")]
+    if shift is not None:
+        lines += shift_lines(comparison, shift)
+        files.append(plots.effective_robustness(comparison, shift, out / "effective_robustness.png"))
+        (out / "shift.csv").write_text(shift_csv(comparison, shift), encoding="utf-8")
     if comparison.size_key:
         lines += regime_lines(comparison)
         files.append(plots.learning_curve(comparison, out / "learning_curve.png"))
@@ -248,7 +332,8 @@ def build(comparison: Comparison, out: Path, title: str, rec: Recommendation | N
     lines += [f"![{f.stem}]({f.name})" for f in files] + [""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     (out / "groups.csv").write_text(csv_text(comparison), encoding="utf-8")
-    return [out / "report.md", out / "groups.csv", *files]
+    tables = [out / "report.md", out / "groups.csv", *([out / "shift.csv"] if shift is not None else [])]
+    return [*tables, *files]
 
 
 def log_run(client: MlflowClient, comparison: Comparison, out: Path, name: str, settings: dict[str, str]) -> str:

@@ -16,8 +16,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from src.schema import ConfigError
 from src.sweep.trial import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG
 from src.tracking.multirun import ROLE_TAG as GRID_ROLE_TAG
+from src.tracking.summary import EVAL_SETS_TAG, eval_sets
 
 REPORT_TAG = "report"  # set on the run a report is logged to; such runs are never compared
+WISE_FT = "wise_ft"  # test/wise_ft/<alpha>/[<set>/]<metric>: the run's WiSE-FT interpolations, one per alpha
 UNSET = {"None", "null", ""}  # how older runs recorded an unset value (newer runs omit the param)
 
 
@@ -96,6 +98,7 @@ class RunRecord:
     trainable_params: float | None = None
     seconds: float | None = None  # wall time of the whole run (build, fit, test)
     epochs: int | None = None  # epochs trained, up to the last validation (metrics are logged with step = epoch)
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric's last value (test/<set>/..., ...)
 
     def value(self, key: str) -> str | None:
         """A config value by key: a param (`optim.lr`), else a tag (`finetune`: the option the user picked), else
@@ -104,6 +107,10 @@ class RunRecord:
             if source is not None:
                 return None if source in UNSET else source
         return None
+
+    @property
+    def eval_sets(self) -> list[str]:
+        return eval_sets(self.tags)
 
     @property
     def trial(self) -> int | None:
@@ -126,12 +133,38 @@ class Selection:
     experiment_id: str = ""
 
 
+@dataclass(frozen=True)
+class MetricName:
+    """A metric name's parts: `test/[wise_ft/<alpha>/][<set>/]<base>`, e.g. `test/wise_ft/0.5/rotate/acc`."""
+
+    stage: str  # val, test, or the whole name of a metric that is neither (trainable_params)
+    base: str  # the task's metric: acc, macro_f1, spearman, mae, ...
+    eval_set: str | None = None
+    alpha: str | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> MetricName:
+        stage, *middle, base = name.split("/") if "/" in name else (name, name)
+        alpha = None
+        if len(middle) >= 2 and middle[0] == WISE_FT:
+            alpha, middle = middle[1], middle[2:]
+        return cls(stage, base, "/".join(middle) or None, alpha)
+
+    def test(self, eval_set: str | None = None, alpha: str | None = None) -> str:
+        """The test metric of this base on `eval_set` (None: in distribution), under WiSE-FT `alpha` if given."""
+        return "/".join(["test", *([WISE_FT, alpha] if alpha else []), *([eval_set] if eval_set else []), self.base])
+
+
 def split_names(metric: str) -> tuple[str | None, str | None, str]:
-    """`val/acc` -> (`val/acc`, `test/acc`, "val"); a metric that is neither val/ nor test/ is compared as is."""
+    """`val/acc` -> (`val/acc`, `test/acc`, "val"); an eval-set or WiSE-FT test metric (`test/rotate/acc`) has no
+    validation counterpart; a metric that is neither val/ nor test/ is compared as is."""
     stage, sep, rest = metric.partition("/")
-    if sep and stage in ("val", "test"):
-        return f"val/{rest}", f"test/{rest}", stage
-    return metric, None, "val"
+    if not sep or stage not in ("val", "test"):
+        return metric, None, "val"
+    name = MetricName.parse(metric)
+    if stage == "test" and (name.eval_set or name.alpha):
+        return None, metric, "test"
+    return f"val/{rest}", f"test/{rest}", stage
 
 
 def default_metric(runs: list[Run]) -> str:
@@ -145,10 +178,12 @@ def default_metric(runs: list[Run]) -> str:
 
 
 def default_maximize(runs: list[Run], metric: str) -> bool:
-    """The runs' objective direction when the metric is their objective, else: losses down, everything else up."""
+    """The runs' objective direction when the metric is their objective's task metric (on any split, eval set or
+    WiSE-FT alpha: `test/rotate/mae` goes the way `val/mae` does), else: losses down, everything else up."""
+    base = MetricName.parse(metric).base
     for run in runs:
         params = run.data.params
-        if params.get("objective.metric", "").partition("/")[2] == metric.partition("/")[2]:
+        if "objective.metric" in params and MetricName.parse(params["objective.metric"]).base == base:
             return params.get("objective.direction", "maximize") == "maximize"
     return "loss" not in metric
 
@@ -197,6 +232,7 @@ def select(
     if not finished:
         raise ConfigError(f"no finished runs to compare ({dict(excluded)} of {len(jobs)} runs)")
     metric = metric or default_metric(finished)
+    check_shift_names(finished, metric)
     maximize = default_maximize(finished, metric) if maximize is None else maximize
     val_metric, test_metric, compared = split_names(metric)
     records = []
@@ -211,6 +247,23 @@ def select(
         raise ConfigError(f"metric: no finished run logged {metric!r}; logged: {', '.join(logged)}")
     records.sort(key=lambda r: r.start_ms)
     return Selection(records, metric, maximize, val_metric, test_metric, compared, excluded, parent, exp_id)
+
+
+def check_shift_names(runs: list[Run], metric: str) -> None:
+    """An eval set or WiSE-FT alpha in `metric` that no selected run has is named, with those that exist."""
+    name = MetricName.parse(metric)
+    if name.stage != "test":
+        return
+    if name.eval_set:
+        known = sorted({s for r in runs for s in eval_sets(r.data.tags)})
+        if name.eval_set not in known:
+            exist = f"eval sets: {', '.join(known)}" if known else f"no run has eval sets (tag {EVAL_SETS_TAG})"
+            raise ConfigError(f"metric: no selected run has the eval set {name.eval_set!r}; {exist}")
+    if name.alpha:
+        alphas = sorted({MetricName.parse(m).alpha for r in runs for m in r.data.metrics} - {None})
+        if name.alpha not in alphas:
+            exist = f"logged: {', '.join(alphas)}" if alphas else f"no run logged test/{WISE_FT}/<alpha>/..."
+            raise ConfigError(f"metric: no selected run has the WiSE-FT alpha {name.alpha!r}; {exist}")
 
 
 def _record(
@@ -228,6 +281,7 @@ def _record(
         test=data.metrics.get(test_metric) if test_metric else None,
         trainable_params=data.metrics.get("trainable_params"),
         seconds=(info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None,
+        metrics=dict(data.metrics),
     )
     if val_metric in data.metrics:
         history = client.get_metric_history(info.run_id, val_metric)

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from src.cache import path_digest
-from src.data.config import DataConfig
+from src.data.config import DataConfig, EvalSetConfig
+from src.data.corruptions import CORRUPTION_VERSION, corrupt
+from src.data.text_noise import TEXT_NOISE_VERSION
 from src.schema import ConfigError, blame
 from src.tasks.base import labels_digest
 
@@ -92,6 +95,58 @@ class Unlabelled(Dataset):
         return {k: v for k, v in self.dataset[index].items() if k != "labels"}
 
 
+# Split names of the named evaluation sets (`data.eval_sets`): EVAL_PREFIX + the set's name.
+EVAL_PREFIX = "eval/"
+EVAL_SET_KEYS = ("eval_sets", "eval_sets_every_val")  # config keys that change no other split's samples
+# An image shift of an evaluation set: (C, H, W) pixels in [0, 1] and the image's own seeded generator -> pixels.
+PixelShift = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
+
+
+def corruption(name: str, severity: int) -> PixelShift:
+    """The ImageNet-C corruption `name` at `severity` as a pixel shift (src.data.corruptions works in HWC numpy)."""
+
+    def shift(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        image = pixels.permute(1, 2, 0).numpy()
+        return torch.from_numpy(corrupt(image, name, severity, rng)).permute(2, 0, 1)
+
+    return shift
+
+
+class ShiftedImages(Dataset):
+    """An image split shifted before its transform (normalisation): an evaluation set made from config. Each
+    image's randomness comes from its own generator, seeded with ``(seed, index)``, so the set is the same pixels in
+    every run and in any access order. The base split provides ``pixels(index)``, ``transform`` and ``labels``."""
+
+    def __init__(self, base: Any, shift: PixelShift, seed: int) -> None:
+        self.base, self.shift, self.seed = base, shift, seed
+        self.labels = base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        return self.shift(self.base.pixels(index), np.random.default_rng([self.seed, index]))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": self.base.transform(self.pixels(index)), "labels": self.labels[index]}
+
+    def check_visible(self, key: str, sample: int = 16) -> None:
+        """Refuse a shift that changes no pixel of the first `sample` images by one 8-bit grey level: a blur whose
+        224 px radius scales to a fraction of a pixel on small images (digits) would be a silent copy of test."""
+        change = max(float((self.pixels(i) - self.base.pixels(i)).abs().max()) for i in range(min(sample, len(self))))
+        if change < 1 / 255:
+            size = "x".join(str(n) for n in self.base.pixels(0).shape[-2:])
+            raise ConfigError(
+                f"{key}: changes no pixel of these {size} px images by one grey level (ImageNet-C's spatial "
+                "parameters are scaled to the image size); choose a higher severity or another corruption"
+            )
+
+
+def tested_split(splits: dict[str, Any]) -> str:
+    """The split `trainer.test` scores: the test split when the dataset has one, else the validation split."""
+    return "test" if "test" in splits else "val"
+
+
 # What the target domain is used for (set by the adaptation method, see src/adapt): "eval" = evaluation only,
 # "adapt" = unlabelled target batches beside the labelled source batches, "oracle" = supervised training on the
 # labelled target images (the upper bound).
@@ -157,12 +212,14 @@ class DataModule(pl.LightningDataModule):
         """What determines every split's samples, for cache keys (call after `setup`): the config without loader
         and cache knobs, the content digest of every file or folder it names, the class names, each split's labels
         and the seed (subsets, splits)."""
-        fields = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_SAMPLES}
+        # Evaluation sets are keyed each on its own (`split_identity`): adding one leaves the other splits' keys.
+        fields = {k: v for k, v in asdict(self.cfg).items() if k not in (*self.NOT_SAMPLES, *EVAL_SET_KEYS)}
         files = {k: path_digest(v) for k, v in fields.items() if isinstance(v, str) and Path(v).exists()}
         labels = {
             split: labels_digest(np.asarray(data.labels))
             for split, data in self._splits.items()
             if getattr(data, "labels", None) is not None  # unlabelled target tables have none
+            and not split.startswith(EVAL_PREFIX)
         }
         return {
             "module": type(self).__name__,
@@ -174,6 +231,46 @@ class DataModule(pl.LightningDataModule):
             "seed": self.seed,
             **({} if self.cv is None else {"cv": [self.cv.folds, self.cv.fold]}),  # absent: old keys stay valid
         }
+
+    def split_identity(self, split: str) -> Any:
+        """What a split's samples depend on beyond `identity()`, for cache keys: its name, or for an evaluation
+        set its spec (not its name: the same set under another name hits the same entry), its labels and the
+        content of the file it reads, or the test split it shifts."""
+        if not split.startswith(EVAL_PREFIX):
+            return split
+        spec = self.cfg.eval_sets[split.removeprefix(EVAL_PREFIX)]
+        source = {"files": path_digest(spec.path)} if spec.path is not None else {"shifts": tested_split(self._splits)}
+        labels = labels_digest(np.asarray(self._splits[split].labels))
+        versions = {"corruptions": CORRUPTION_VERSION, "text_noise": TEXT_NOISE_VERSION}
+        return {"eval_set": asdict(spec), "labels": labels, "versions": versions, **source}
+
+    def eval_splits(
+        self,
+        splits: dict[str, Dataset],
+        labelled: Callable[[str, str, str], Dataset] | None = None,
+        shifted: Callable[[str, EvalSetConfig, Dataset], Dataset] | None = None,
+    ) -> dict[str, Dataset]:
+        """The named evaluation sets (`data.eval_sets`) by split name (EVAL_PREFIX + name), for `_build`: what
+        ``labelled(name, key, path)`` reads from a file or folder in the training format, with the training data's
+        label mapping (unknown labels are refused), or a shift of the split tested (``splits``' test, else val):
+        ``shifted(name, spec, tested)``, by default its images shifted by `pixel_shift`."""
+        tested = splits[tested_split(splits)]
+        out: dict[str, Dataset] = {}
+        for name, spec in self.cfg.eval_sets.items():
+            if spec.path is not None and labelled is not None:
+                out[EVAL_PREFIX + name] = labelled(name, f"data.eval_sets.{name}.path", spec.path)
+            elif shifted is not None:
+                out[EVAL_PREFIX + name] = shifted(name, spec, tested)
+            else:
+                out[EVAL_PREFIX + name] = images = ShiftedImages(tested, self.pixel_shift(spec), spec.seed)
+                images.check_visible(f"data.eval_sets.{name}")
+        return out
+
+    def pixel_shift(self, spec: EvalSetConfig) -> PixelShift:
+        """The image shift an evaluation set applies (config validation admits only the kinds a module makes)."""
+        if spec.corruption is None or spec.severity is None:
+            raise ConfigError(f"data ({self.cfg.name}): cannot make a {spec.kind()} evaluation set")
+        return corruption(spec.corruption, spec.severity)
 
     @property
     def splits(self) -> dict[str, Dataset]:
@@ -282,4 +379,12 @@ class DataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """The test split when the dataset has one, else the validation split."""
-        return self._loader(self._split("test" if "test" in self._splits else "val"))
+        return self._loader(self._split(tested_split(self._splits)))
+
+    def eval_dataloaders(self) -> dict[str, DataLoader]:
+        """A loader per named evaluation set, by its name."""
+        return {
+            split.removeprefix(EVAL_PREFIX): self._loader(data)
+            for split, data in self._splits.items()
+            if split.startswith(EVAL_PREFIX)
+        }

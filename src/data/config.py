@@ -8,13 +8,39 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
+from src.data.corruptions import CORRUPTIONS, SEVERITIES
+from src.data.text_noise import TEXT_NOISES
 from src.registry import Registry
 
 DATA: Registry[Any] = Registry("data")
+
+# Built-in target domains for domain adaptation: the same digits, shifted (also digits' `shift` evaluation sets).
+TARGET_SHIFTS = ("invert", "rotate", "noise")
+# Where an evaluation set's examples come from: a labelled file/folder in the training data's format, a corruption
+# of the test split's images, one of digits' shifts of them, or noise on the test split's texts.
+EVAL_SET_KINDS = ("path", "corruption", "shift", "text_noise")
+GRADED_KINDS = ("corruption", "text_noise")  # the kinds that take a severity
+RESERVED_EVAL_SET_NAMES = ("wise_ft",)  # metric prefixes of their own (test/wise_ft/<alpha>/...)
+
+
+@dataclass
+class EvalSetConfig:
+    """One named evaluation set (`data.eval_sets.<name>`): exactly one of `path`, `corruption`, `shift` or
+    `text_noise`."""
+
+    path: str | None = None  # labelled data in the training format: a table, a manifest or a class-folder root
+    corruption: str | None = None  # an ImageNet-C corruption of the test images (src/data/corruptions.py)
+    severity: int | None = None  # of the corruption or text noise: 1..5
+    shift: str | None = None  # digits: invert | rotate | noise of the test images
+    text_noise: str | None = None  # char | word noise on the test texts (src/data/text_noise.py)
+    seed: int = 0  # draws the random part of a corruption, shift or noise per example: the same in every run
+
+    def kind(self) -> str:
+        return next(k for k in EVAL_SET_KINDS if getattr(self, k) is not None)
 
 
 @dataclass
@@ -27,8 +53,16 @@ class DataConfig:
     num_workers: int = 0
     max_train_samples: int | None = None  # seeded random subset of the training split (seed = run seed)
     max_train_per_class: int | None = None  # seeded per-class cap on the training split (learning curves)
+    eval_sets: dict[str, EvalSetConfig] = field(default_factory=dict)  # evaluated after test: test/<name>/<metric>
+    eval_sets_every_val: bool = False  # also score them at each validation: eval/<name>/<metric> (never a monitor)
+
+    eval_set_kinds: ClassVar[tuple[str, ...]] = ()  # which EVAL_SET_KINDS this data module can make
 
     def __post_init__(self) -> None:
+        for name, spec in self.eval_sets.items():
+            self.check_eval_set(name, spec)
+        if self.eval_sets_every_val and not self.eval_sets:
+            raise ValueError("eval_sets_every_val: true, but no eval_sets are defined (data.eval_sets.<name>=...)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
@@ -49,6 +83,40 @@ class DataConfig:
     def val_source(self) -> str | None:
         """The key that gives the validation split explicitly (k-fold needs it drawn from train), or None."""
         return None
+
+    def check_eval_set(self, name: str, spec: EvalSetConfig) -> None:
+        """Refuse, at config validation, a set this data module cannot make or whose settings are out of range."""
+        key = f"eval_sets.{name}"
+        if not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_EVAL_SET_NAMES:
+            raise ValueError(
+                f"{key}: a set name is part of its metric names (test/<name>/...): letters, digits, _ and - only, "
+                f"not {', '.join(RESERVED_EVAL_SET_NAMES)}"
+            )
+        given = [k for k in EVAL_SET_KINDS if getattr(spec, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"{key}: set exactly one of {', '.join(EVAL_SET_KINDS)}; got {given or 'none'}")
+        kind = given[0]
+        if kind not in self.eval_set_kinds:
+            raise ValueError(
+                f"{key}.{kind}: data '{self.name}' makes evaluation sets from "
+                f"{', '.join(self.eval_set_kinds) or 'nothing'}, not {kind}"
+            )
+        if kind == "corruption" and spec.corruption not in CORRUPTIONS:
+            raise ValueError(f"{key}.corruption: unknown {spec.corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
+        if (kind in GRADED_KINDS) != (spec.severity is not None):
+            raise ValueError(f"{key}.severity: required with a corruption or text_noise (1..5), and only with one")
+        if spec.severity is not None and spec.severity not in SEVERITIES:
+            raise ValueError(f"{key}.severity: must be 1..5; got {spec.severity}")
+        if kind == "text_noise" and spec.text_noise not in TEXT_NOISES:
+            raise ValueError(f"{key}.text_noise: unknown {spec.text_noise!r}; choose one of {', '.join(TEXT_NOISES)}")
+        if kind == "shift" and spec.shift not in TARGET_SHIFTS:
+            raise ValueError(f"{key}.shift: unknown {spec.shift!r}; choose one of {', '.join(TARGET_SHIFTS)}")
+        if kind == "path":
+            self.check_eval_path(f"{key}.path", spec.path)
+
+    def check_eval_path(self, key: str, path: str) -> None:
+        """A labelled evaluation set in the training format: a table file (image folders: a class-folder root)."""
+        check_path(key, path)
 
 
 def check_path(key: str, path: str | None, directory: bool = False) -> None:
@@ -134,10 +202,6 @@ def infer_format(key: str, path: str, fmt: str) -> str:
     return FORMAT_BY_EXTENSION[suffix]
 
 
-# Built-in target domains for domain adaptation: the same digits, shifted.
-TARGET_SHIFTS = ("invert", "rotate", "noise")
-
-
 @DATA.register("digits", "src.data.digits:DigitsDataModule")
 @dataclass
 class DigitsConfig(DataConfig):
@@ -147,6 +211,8 @@ class DigitsConfig(DataConfig):
     labels_per_class: int = 10  # labelled target training images per class (few-shot)
     val_per_class: int = 20  # validation images per target class; the rest of the target images are test
     target_shift: str | None = None  # domain adaptation: invert | rotate | noise (a shifted target domain)
+
+    eval_set_kinds: ClassVar[tuple[str, ...]] = ("corruption", "shift")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,6 +251,8 @@ class ImageConfig(DataConfig):
     cache_images: bool = True  # decoded, resized images in memory + disk cache (uint8: 3 * image_size**2 bytes each)
     cache_dir: str | None = None  # disk cache root; None: $TRANSFER_LAB_CACHE, else ~/.cache/transfer-lab
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "gif", "webp"])
+
+    eval_set_kinds: ClassVar[tuple[str, ...]] = ("corruption", "path")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -231,6 +299,9 @@ class ImageFolderConfig(ImageConfig):
     def val_source(self) -> str | None:
         return "data.val_dir" if self.val_dir is not None else None
 
+    def check_eval_path(self, key: str, path: str) -> None:
+        check_path(key, path, directory=True)
+
     @property
     def has_target(self) -> bool:
         return self.target_dir is not None
@@ -271,6 +342,8 @@ class TextTableConfig(DataConfig):
     lowercase: bool = False
     cache: bool = True  # keep parsed, tokenised tables in the shared on-disk cache (namespace "tokenized")
     cache_dir: str | None = None  # None: $TRANSFER_LAB_CACHE or ~/.cache/transfer-lab
+
+    eval_set_kinds: ClassVar[tuple[str, ...]] = ("path", "text_noise")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -333,6 +406,10 @@ class TextTableConfig(DataConfig):
                 f"{key}: {path} has no column {missing[0]!r} (the target domain needs the source's columns); "
                 f"columns: {columns}"
             )
+
+    def check_eval_path(self, key: str, path: str) -> None:
+        check_path(key, path)
+        infer_format(key, path, self.format)
 
     def format_of(self, key: str) -> str:
         """The table format of the file in config field ``key`` (explicit, or from its extension)."""
@@ -401,3 +478,7 @@ class ImageManifestConfig(ImageConfig):
 
     def val_source(self) -> str | None:
         return "data.val_path" if self.val_path is not None else None
+
+    def check_eval_path(self, key: str, path: str) -> None:
+        check_path(key, path)
+        infer_format(key, path, self.format)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from src.data.common import DataModule, stratified_split
-from src.data.config import TARGET_SHIFTS, DigitsConfig
+from src.data.common import DataModule, PixelShift, stratified_split
+from src.data.config import TARGET_SHIFTS, DigitsConfig, EvalSetConfig
 from src.data.transforms import Compose, Normalize, RepeatChannels, Resize, Transform
 from src.schema import ConfigError
 
@@ -59,6 +60,10 @@ class TransformedImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """One image before its transform, in [0, 1] (what an evaluation set's shift changes)."""
+        return self.images[index]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.transform(self.images[index]), "labels": self.labels[index]}
@@ -109,5 +114,18 @@ class DigitsDataModule(DataModule):
             shifted = shift_images(images, self.cfg.target_shift, self.seed)
             halves = stratified_split(labels[test].tolist(), lambda n: [n // 2], self.seed)
             parts |= {"target_train": (shifted, test[halves[0]]), "target_test": (shifted, test[halves[1]])}
-        splits = {split: TransformedImages(x[idx], labels[idx], transform) for split, (x, idx) in parts.items()}
-        return splits, [str(digit) for digit in self.cfg.target_classes]
+        splits: dict[str, Dataset] = {
+            split: TransformedImages(x[idx], labels[idx], transform) for split, (x, idx) in parts.items()
+        }
+        return {**splits, **self.eval_splits(splits)}, [str(digit) for digit in self.cfg.target_classes]
+
+    def pixel_shift(self, spec: EvalSetConfig) -> PixelShift:
+        """Digits' domain-adaptation shifts (`target_shift`) are evaluation sets too, without adaptation."""
+        if spec.shift is None:
+            return super().pixel_shift(spec)
+        shift = spec.shift
+
+        def shifted(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+            return shift_images(pixels[None], shift, int(rng.integers(2**31)))[0]
+
+        return shifted

@@ -166,9 +166,13 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def pixels(self, index: int) -> torch.Tensor:
+        """One decoded image before its transform, in [0, 1] (what an evaluation set's shift changes)."""
         pixels = self.cached[index] if self.cached is not None else self.decode(self.files[index])
-        item = {"pixel_values": self.transform(pixels.float() / 255)}
+        return pixels.float() / 255
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"pixel_values": self.transform(self.pixels(index))}
         return item if self.labels is None else {**item, "labels": self.labels[index]}
 
 
@@ -202,21 +206,23 @@ class ImageFolderDataModule(DataModule):
         store = Cache("images", self.cfg.cache_dir) if self.cfg.cache_images else None
         return ImageFiles(files, labels, self.decoder, transform, store)
 
-    def _files(self, key: str) -> tuple[list[str], list[Path], list[str]]:
-        return scan_folder(key, Path(getattr(self.cfg, key)), self.cfg.extensions, min_side=self.image_size)
+    def _files(self, key: str, root: str) -> tuple[list[str], list[Path], list[str]]:
+        return scan_folder(key, Path(root), self.cfg.extensions, min_side=self.image_size)
 
-    def _scan(self, key: str, class_names: list[str]) -> tuple[list[Path], list[int]]:
-        """Files and label indices of an evaluation folder, whose classes must all occur in ``train_dir``."""
-        classes, files, file_classes = self._files(key)
+    def _scan(self, key: str, class_names: list[str], root: str | None = None) -> tuple[list[Path], list[int]]:
+        """Files and label indices of an evaluation folder (config key ``key``, or ``root`` when the key is not a
+        field), whose classes must all occur in ``train_dir``."""
+        root = root or getattr(self.cfg, key)
+        classes, files, file_classes = self._files(key, root)
         if unseen := sorted(set(classes) - set(class_names)):
             raise ValueError(
-                f"{key}: {getattr(self.cfg, key)} has class folder(s) {unseen} that are not in train_dir "
+                f"{key}: {root} has class folder(s) {unseen} that are not in train_dir "
                 f"{self.cfg.train_dir}; train classes: {class_names}"
             )
         return files, [class_names.index(name) for name in file_classes]
 
     def _build(self) -> tuple[dict[str, Dataset], list[str]]:
-        class_names, files, file_classes = self._files("train_dir")
+        class_names, files, file_classes = self._files("train_dir", self.cfg.train_dir)
         labels = np.array([class_names.index(name) for name in file_classes])
         if self.cfg.val_dir is None:
             train_idx, val_idx = self.val_split(labels.tolist(), self.cfg.val_fraction)
@@ -234,7 +240,11 @@ class ImageFolderDataModule(DataModule):
             splits["target_train"] = self._dataset(*self._scan_target(class_names), train=True)
         if self.cfg.target_test_dir is not None:
             splits["target_test"] = self._dataset(*self._scan("target_test_dir", class_names), train=False)
-        return splits, self._display_names(class_names)
+
+        def labelled(name: str, key: str, root: str) -> Dataset:
+            return self._dataset(*self._scan(key, class_names, root), train=False)
+
+        return {**splits, **self.eval_splits(splits, labelled)}, self._display_names(class_names)
 
     def _scan_target(self, class_names: list[str]) -> tuple[list[Path], list[int] | None]:
         """The unlabelled target images: every image under ``target_dir``; labelled (for an oracle run only) when

@@ -28,10 +28,11 @@ class ImageManifestDataModule(ImageFolderDataModule):
 
     cfg: ImageManifestConfig
 
-    def _rows(self, key: str) -> tuple[list[Path], list[Cell], list[int], str]:
-        """A manifest's image files, label cells and file lines, without the rows whose image is missing or
-        unreadable or (unless the task allows it) whose label is empty: an error, or skipped with one warning."""
-        cfg, path = self.cfg, Path(getattr(self.cfg, key))
+    def _rows(self, key: str, path: str | None = None) -> tuple[list[Path], list[Cell], list[int], str]:
+        """A manifest's image files, label cells and file lines (config key ``key``, or ``path`` when the key is
+        not a field), without the rows whose image is missing or unreadable or (unless the task allows it) whose
+        label is empty: an error, or skipped with one warning."""
+        cfg, path = self.cfg, Path(path or getattr(self.cfg, key))
         raw = read_table(key, path, cfg.format, encoding=cfg.encoding, bad_rows=cfg.bad_rows)
         for message in raw.warnings:
             warnings.warn(message, UserWarning, stacklevel=2)
@@ -96,4 +97,8 @@ class ImageManifestDataModule(ImageFolderDataModule):
         }
         if cfg.test_path is not None:
             splits["test"] = self._dataset(*labelled(self._rows("test_path")), train=False)
-        return splits, codec.names
+
+        def eval_set(name: str, key: str, path: str) -> Dataset:
+            return self._dataset(*labelled(self._rows(key, path)), train=False)
+
+        return {**splits, **self.eval_splits(splits, eval_set)}, codec.names

@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 from transformers import DataCollatorWithPadding
 
 from src.cache import Cache, file_digest, fingerprint
-from src.data.common import DataModule
-from src.data.config import PATH_KEYS, TARGET_KEYS, TextTableConfig, read_label_names
+from src.data.common import EVAL_PREFIX, DataModule
+from src.data.config import PATH_KEYS, TARGET_KEYS, EvalSetConfig, TextTableConfig, infer_format, read_label_names
 from src.data.tables import (
     RawTable,
     hub_split,
@@ -38,6 +38,7 @@ from src.data.tables import (
     looks_like_data,
     read_table,
 )
+from src.data.text_noise import TEXT_NOISE_VERSION, noisy
 from src.schema import ConfigError
 from src.tasks.base import LabelFormat, as_int
 
@@ -208,29 +209,37 @@ class TextTableDataModule(DataModule):
         self.collate_fn = DataCollatorWithPadding(preprocessing.tokenizer, return_tensors="pt")
         self.cache = Cache(CACHE_NAMESPACE, cfg.cache_dir)
 
-    def _sources(self) -> dict[str, Source]:
-        """The split -> table source plan, from files or from a hub dataset."""
+    def _file_source(self, key: str, path: str, labelled: bool = True) -> Source:
+        """A table file read with the data config's format settings (format from its extension unless given)."""
         cfg = self.cfg
-        sources: dict[str, Source] = {}
+        fmt = infer_format(key, path, cfg.format)
+        delimited = fmt in ("csv", "tsv")
+        settings = {"fmt": fmt, "encoding": cfg.encoding, "bad_rows": cfg.bad_rows}
+        if delimited:
+            settings |= {"header": cfg.has_header(), "column_names": cfg.column_names}
+        return Source(
+            key,
+            f"{key}: {path}",
+            {"file": file_digest(path), **settings},
+            lambda: read_table(key, path, **settings),
+            headerless=delimited and not cfg.has_header(),
+            labelled=labelled,
+        )
+
+    def _sources(self) -> dict[str, Source]:
+        """The split -> table source plan, from files or from a hub dataset; named evaluation sets are files."""
+        cfg = self.cfg
+        sources: dict[str, Source] = {
+            EVAL_PREFIX + name: self._file_source(f"data.eval_sets.{name}.path", spec.path)
+            for name, spec in cfg.eval_sets.items()
+            if spec.path is not None
+        }
         if cfg.hf_dataset is None:
             splits = ("train", "val", "test", "target_train", "target_test")
             for split, key in zip(splits, (*PATH_KEYS, *TARGET_KEYS), strict=True):
                 path = getattr(cfg, key)
-                if path is None:
-                    continue
-                fmt = cfg.format_of(key)
-                delimited = fmt in ("csv", "tsv")
-                settings = {"fmt": fmt, "encoding": cfg.encoding, "bad_rows": cfg.bad_rows}
-                if delimited:
-                    settings |= {"header": cfg.has_header(), "column_names": cfg.column_names}
-                sources[split] = Source(
-                    key,
-                    f"{key}: {path}",
-                    {"file": file_digest(path), **settings},
-                    lambda key=key, path=path, settings=settings: read_table(key, path, **settings),
-                    headerless=delimited and not cfg.has_header(),
-                    labelled=key != "target_path",
-                )
+                if path is not None:
+                    sources[split] = self._file_source(key, path, labelled=key != "target_path")
             return sources
         dataset_dict = load_hub_dataset(cfg.hf_dataset, cfg.hf_config)
         for split, key in (("train", "train_split"), ("val", "val_split"), ("test", "test_split")):
@@ -310,4 +319,33 @@ class TextTableDataModule(DataModule):
             splits["target_train"] = EncodedTexts(
                 entries["target_train"], np.arange(len(entries["target_train"]["labels"])), None
             )
-        return splits, codec.names
+        origin = sources[next(s for s in ("test", "val", "train") if s in sources)]  # the table tested rows are of
+
+        def noised(name: str, spec: EvalSetConfig, tested: Dataset) -> Dataset:
+            """The tested rows of a copy of their table with noisy texts: noise keeps every row (and its text
+            non-empty), so the row numbers and targets of the clean rows apply."""
+            entry = self._encoded(self._noisy_source(origin, name, spec))
+            return EncodedTexts(entry, tested.rows, tested.labels)
+
+        by_name = self.eval_splits(splits, lambda name, key, path: labelled(EVAL_PREFIX + name), noised)
+        return {**splits, **by_name}, codec.names
+
+    def _noisy_source(self, source: Source, name: str, spec: EvalSetConfig) -> Source:
+        """``source`` with `spec.text_noise` on its text (and text pair) columns, each row seeded on its own."""
+        assert spec.text_noise is not None and spec.severity is not None  # config validation: a text_noise set
+        kind, severity, seed = spec.text_noise, spec.severity, spec.seed
+        columns = [*self.cfg.text_columns(), *([self.cfg.text_pair_column] if self.cfg.text_pair_column else [])]
+
+        def read() -> RawTable:
+            raw = source.read()
+            for c, column in enumerate(columns):
+                values = raw.column(column)
+                raw.columns[column] = [
+                    v if v is None else noisy(str(v), kind, severity, np.random.default_rng([seed, c, row]))
+                    for row, v in enumerate(values)
+                ]
+            return raw
+
+        noise = {"text_noise": kind, "severity": severity, "seed": seed, "version": TEXT_NOISE_VERSION}
+        where = f"data.eval_sets.{name} ({kind} noise on {source.where})"
+        return Source(source.key, where, {**source.identity, **noise}, read, source.headerless, source.labelled)

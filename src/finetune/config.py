@@ -30,7 +30,6 @@ class BatchNormPolicy:
 
 
 @FINETUNE.register("full", "src.finetune.strategies:Full")
-@FINETUNE.register("linear_probe", "src.finetune.strategies:LinearProbe")
 @dataclass
 class FinetuneConfig:
     """Fields every strategy has. `lr`: what `optim.lr` defaults to (a head on frozen features needs a far higher LR
@@ -41,6 +40,27 @@ class FinetuneConfig:
     lr: float | None = None  # optim.lr's default under this strategy (YAML: the backbone's, or the strategy's own)
     init_from: str | None = None
     bn: BatchNormPolicy = field(default_factory=BatchNormPolicy)
+
+
+@dataclass
+class ProbeFitConfig(FinetuneConfig):
+    """Strategies whose head can be fitted instead of stepped: `probe_fit` fits it by the task's convex probe
+    (L-BFGS on features extracted once, or read from the feature cache; src.finetune.probe_fit)."""
+
+    probe_fit: bool = False
+    probe_l2: float = 1.0e-3  # probe_fit: L2 penalty on the head weights (added to the task's mean loss)
+
+    def __post_init__(self) -> None:
+        check(self.probe_l2 >= 0, f"probe_l2: must be >= 0; got {self.probe_l2}")
+
+
+@FINETUNE.register("linear_probe", "src.finetune.strategies:LinearProbe")
+@dataclass
+class LinearProbeConfig(ProbeFitConfig):
+    """`probe_fit: true`: the head is fitted once, before the first step, and its LR is 0 (the fit is the
+    optimum): one epoch then validates it; more epochs are refused, they would repeat the same scores."""
+
+    name: str = "linear_probe"
 
 
 @FINETUNE.register("scratch", "src.finetune.strategies:Scratch")
@@ -97,18 +117,16 @@ class MilestonesConfig(FinetuneConfig):
 
 @FINETUNE.register("lp_ft", "src.finetune.schedules:LpFt")
 @dataclass
-class LpFtConfig(FinetuneConfig):
+class LpFtConfig(ProbeFitConfig):
     name: str = "lp_ft"
     probe_epochs: int = 1  # epochs of linear probing (backbone frozen) before fine-tuning everything
     probe_lr_scale: float = 10.0  # multiplies the head's LR while probing (a linear probe wants a larger LR)
     ft_lr_scale: float = 0.5  # multiplies the backbone groups' LRs from the first fine-tuning epoch on
     restart_schedule: bool = True  # fine-tuning gets its own warmup + decay (two runs, as in the paper)
-    probe_fit: bool = False  # before training, fit the head by logistic regression on features extracted once
-    probe_l2: float = 1.0e-3  # probe_fit: L2 penalty on the head weights (added to the mean cross-entropy)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.probe_epochs >= 0, f"probe_epochs: must be >= 0; got {self.probe_epochs}")
-        check(self.probe_l2 >= 0, f"probe_l2: must be >= 0; got {self.probe_l2}")
         check(self.probe_lr_scale > 0, f"probe_lr_scale: must be > 0; got {self.probe_lr_scale}")
         check(self.ft_lr_scale > 0, f"ft_lr_scale: must be > 0; got {self.ft_lr_scale}")
 

@@ -33,7 +33,7 @@ def extract_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
     batches = islice(source_loader(trainer.train_dataloader), total)  # total None: the whole loader
     quiet = trainer.progress_bar_callback is None or not trainer.is_global_zero
     with torch.no_grad():
-        for batch in tqdm(batches, desc="LP-FT probe: features", total=total, disable=quiet, leave=False):
+        for batch in tqdm(batches, desc="probe: features", total=total, disable=quiet, leave=False):
             batch = trainer.strategy.batch_to_device(batch)
             features.append(pl_module.features(batch, use_frozen=True).float())  # cached features, if any
             labels.append(batch["labels"])

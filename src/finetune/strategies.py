@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
+
+from src.finetune.probe_fit import FitLinearProbe
 from src.finetune.strategy import Strategy
+from src.schema import ConfigError
 
 
 class Full(Strategy):
@@ -10,12 +14,30 @@ class Full(Strategy):
 
 
 class LinearProbe(Strategy):
-    """Backbone frozen (no gradients computed through it); only the new head trains."""
+    """Backbone frozen (no gradients computed through it); only the new head trains -- by gradient steps, or
+    (`probe_fit`) fitted once by the task's convex probe, after which its LR is 0."""
 
     trains_backbone = False
 
+    @property
+    def extracts_features(self) -> bool:
+        return self.cfg.probe_fit
+
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         return set()
+
+    def lr_scale(self, epoch: int, group: int, n_groups: int) -> float:
+        return 0.0 if self.cfg.probe_fit else 1.0
+
+    def check(self, n_groups: int, epochs: int | None) -> None:
+        if self.cfg.probe_fit and epochs != 1:
+            raise ConfigError(
+                "finetune.probe_fit: the fitted head is final, so every epoch after the first repeats its scores; "
+                f"set trainer.max_epochs=1 (got {epochs if epochs is not None else 'unbounded'})"
+            )
+
+    def callbacks(self) -> list[pl.Callback]:
+        return super().callbacks() + ([FitLinearProbe(self.cfg.probe_l2)] if self.cfg.probe_fit else [])
 
 
 class Scratch(Strategy):

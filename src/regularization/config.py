@@ -4,6 +4,7 @@ regularizer's module imports its part from here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from src.schema import check
 
@@ -100,15 +101,33 @@ class RegularizationConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    wise_ft_alpha: float | None = None  # test with (1 - a) * pretrained + a * fine-tuned backbone; null/1 = off
+    # test with (1 - a) * pretrained + a * fine-tuned backbone; null/1 = off. A list: score every alpha (the
+    # WiSE-FT curve, src/regularization/wise_ft.py), then test with the last one listed.
+    wise_ft_alpha: Any = None
 
     def __post_init__(self) -> None:
         check(self.weight_decay >= 0, f"weight_decay: must be >= 0; got {self.weight_decay}")
         check(0 <= self.label_smoothing < 1, f"label_smoothing: must be in [0, 1); got {self.label_smoothing}")
         check(0 <= self.head_dropout < 1, f"head_dropout: must be in [0, 1); got {self.head_dropout}")
-        alpha = self.wise_ft_alpha
-        check(alpha is None or 0 <= alpha <= 1, f"wise_ft_alpha: must be in [0, 1] or null; got {alpha}")
+        alphas = self.wise_ft_alpha if isinstance(self.wise_ft_alpha, list) else [self.wise_ft_alpha]
+        valid = [a for a in alphas if isinstance(a, int | float) and not isinstance(a, bool) and 0 <= a <= 1]
+        check(
+            self.wise_ft_alpha is None or (len(valid) == len(alphas) > 0 and len(set(alphas)) == len(alphas)),
+            f"wise_ft_alpha: must be in [0, 1], a list of distinct such values, or null; got {self.wise_ft_alpha}",
+        )
+
+    @property
+    def wise_ft_alphas(self) -> list[float]:
+        """The alphas to score, the one kept (tested, logged as the model) last; empty when WiSE-FT is off."""
+        if self.wise_ft_alpha is None:
+            return []
+        return [float(a) for a in (self.wise_ft_alpha if self.wise_ft_curve else [self.wise_ft_alpha])]
+
+    @property
+    def wise_ft_curve(self) -> bool:
+        """Whether every alpha of a list is scored (`test/wise_ft/<alpha>/...`), not just one used."""
+        return isinstance(self.wise_ft_alpha, list)
 
     @property
     def wise_ft_enabled(self) -> bool:
-        return self.wise_ft_alpha is not None and self.wise_ft_alpha != 1.0
+        return self.wise_ft_curve or self.wise_ft_alphas not in ([], [1.0])

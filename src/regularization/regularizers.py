@@ -62,5 +62,5 @@ def build(cfg: RegularizationConfig, backbone: Backbone, task: Task) -> Regulari
     if cfg.ema.decay is not None:
         out.callbacks.append(EMA(cfg.ema))
     if cfg.wise_ft_enabled:
-        out.callbacks.append(WiseFT(reference, cfg.wise_ft_alpha))
+        out.callbacks.append(WiseFT(reference, cfg.wise_ft_alphas, cfg.wise_ft_curve))
     return out

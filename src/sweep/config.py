@@ -49,6 +49,21 @@ def search_space(params: Mapping[str, Any]) -> dict[str, BaseDistribution]:
     return {key: distribution(key, spec) for key, spec in params.items()}
 
 
+FOLD_KEY = "cv.fold"  # a replicate, never a hyperparameter (see check_fold_dimension)
+
+
+def check_fold_dimension(space: Mapping[str, BaseDistribution], settings: SweepConfig) -> None:
+    """`cv.fold` searched like a hyperparameter is refused: a sampler would steer trials towards the easiest fold
+    and a pruner would stop trials for drawing a hard one, so the study's best would be a fold's luck. Only an
+    exhaustive grid without pruning runs every fold of every configuration alike, for src.compare to average."""
+    if FOLD_KEY in space and (settings.sampler != "grid" or settings.pruner != "none"):
+        raise SweepError(
+            f"{FOLD_KEY}: a fold is not a hyperparameter (the {settings.sampler} sampler and {settings.pruner} pruner "
+            "would favour easy folds); fix one fold (cv.fold=0), or run every fold of every configuration with "
+            "sweep.sampler=grid sweep.pruner=none and average them with python -m src.compare sweep=<study>"
+        )
+
+
 def conditions(params: Mapping[str, Any]) -> dict[str, dict[str, list[Any]]]:
     """`when: {finetune: partial}` (or a list of values) samples a key only in trials where earlier keys took
     those values, so a strategy's own knobs (finetune.k, finetune.r) are searched only with that strategy."""

@@ -98,6 +98,7 @@ class StudySweep:
         self.url = hand_over_password(url)
         self.forget_password(config, url_password(url))
         self.split_arguments(arguments)
+        sweep_config.check_fold_dimension(self.space, self.settings)
         self.when = sweep_config.conditions(self.settings.params)
         self.n_trials = self.count_trials()
 

@@ -229,12 +229,31 @@ class MLflowRun:
 
 
 class EpochMLFlowLogger(MLFlowLogger):
-    """Logs Lightning's epoch-level metrics with step = epoch, so curves line up across runs and batch sizes."""
+    """Logs Lightning's epoch-level metrics with step = epoch, so curves line up across runs and batch sizes.
+
+    An epoch's metrics arrive in several calls (training means, validation, LRs, the training state); each would
+    be one write to the store (on SQLite ~10 ms: a cached trial's epochs cost more in commits than in math), so
+    they are held until the step moves on, the fit or test ends, or the run stops, and written as one batch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, float] = {}
+        self._pending_step: int | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = dict(metrics)
         epoch = metrics.pop("epoch", None)
-        super().log_metrics(metrics, step=int(epoch) if epoch is not None else step)
+        step = int(epoch) if epoch is not None else step
+        if self._pending and step != self._pending_step:
+            self.flush()
+        self._pending_step = step
+        self._pending.update(metrics)
+
+    def flush(self) -> None:
+        if self._pending:
+            super().log_metrics(self._pending, step=self._pending_step)
+        self._pending = {}
 
     def finalize(self, status: str = "success") -> None:
         """Status is owned by `MLflowRun`; only flush here."""
+        self.flush()

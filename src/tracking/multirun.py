@@ -39,6 +39,18 @@ def read(multirun_dir: str | None) -> MultirunInfo | None:
     return MultirunInfo(**json.loads(path.read_text()))
 
 
+def beaten(client: Any, parent_run_id: str, metric: str, direction: str, value: float) -> bool:
+    """Whether a finished child of the grid's parent scored better than `value` on `metric` (its best value, as
+    `src.run` logs it), so this job need not keep its weights. Read from the store: every launcher sees it."""
+    parent = client.get_run(parent_run_id)
+    siblings = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+    )
+    sign = 1.0 if direction == "maximize" else -1.0
+    return any(sign * r.data.metrics[metric] > sign * value for r in siblings if metric in r.data.metrics)
+
+
 def grid_dimensions(overrides: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """The command line's overrides split into swept (`finetune=a,b`) and fixed ones, as key -> text."""
     swept, fixed = {}, {}

@@ -45,6 +45,8 @@ def part(key: str, value: str) -> str:
     if key == "seed":
         return f"s{value}"
     leaf = key.rsplit(".", 1)[-1]
+    if value.startswith("{"):  # a mapping, e.g. an evaluation set's spec: its key names it
+        return leaf
     if "/" in value:  # a path: its file name says enough
         value = value.rstrip("/").rsplit("/", 1)[-1]
     return f"{SHORT_KEYS.get(leaf, leaf)}={short_value(value)}"

@@ -4,6 +4,7 @@ command and URL that open it in the MLflow UI; and the summary table a parent ru
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from mlflow.entities import Run
@@ -11,6 +12,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFL
 
 UI_PORT = 5000
 NOTE_LIMIT = 8000  # MLflow's longest tag value (MAX_TAG_VAL_LENGTH); a longer note would fail the whole summary
+EVAL_SETS_TAG = "eval_sets"  # a run's named evaluation sets, comma-separated (metrics test/<name>/<metric>)
+
+
+def eval_sets(tags: Mapping[str, str]) -> list[str]:
+    """The named evaluation sets a run tested on (its `eval_sets` tag), in the run's order."""
+    return [s for s in tags.get(EVAL_SETS_TAG, "").split(",") if s]
 
 
 def best_metric(metric: str) -> str:
@@ -41,6 +48,12 @@ def run_summary(run: Run, metric: str, uri: str) -> str:
     name = run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_name)
     view = where(uri, run.info.experiment_id, run.info.run_id)
     head = f"Run {name} ({run.info.run_id}) {run.info.status}: {results}"
+    sets = eval_sets(run.data.tags)
+    if sets:
+        suffix = test_metric(metric).removeprefix("test/")
+        head += f"\n  eval sets ({suffix}): " + " · ".join(
+            f"{s} {m[key]:.4f}" for s in sets if (key := f"test/{s}/{suffix}") in m
+        )
     return f"{head}\n  artifacts: {run.info.artifact_uri}\n  view: {view}"
 
 
