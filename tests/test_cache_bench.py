@@ -81,7 +81,11 @@ def sweep(tmp: Path, trials: int, epochs: int, samples: int, val_batches: int | 
 
 
 def measure_sweep(
-    trials: int = 10, epochs: int = 10, samples: int = 2000, val_batches: int | None = None, off_trials: int | None = None
+    trials: int = 10,
+    epochs: int = 10,
+    samples: int = 2000,
+    val_batches: int | None = None,
+    off_trials: int | None = None,
 ) -> dict:
     """Both sweeps; with `off_trials` < `trials` the cache-off sweep runs that many trials only, and its wall time
     for `trials` is extrapolated (`wall_s_off`: measured wall + the mean off trial x the trials not run)."""
