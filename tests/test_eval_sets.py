@@ -23,9 +23,9 @@ from src.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from src.data.digits import shift_images
 from src.data.text_noise import TEXT_NOISES, noisy
 from src.schema import ConfigError
-from tests.conftest import classification
+from tests.conftest import classification, composed
 from tests.test_data import GREY, image_tree
-from tests.test_failures import composed, restore_signals, run_in_process  # noqa: F401 (fixture)
+from tests.test_failures import restore_signals, run_in_process  # noqa: F401 (fixture)
 from tests.test_tasks import digit_manifest, setup, write
 
 NOISE = "+data.eval_sets.noise={corruption:gaussian_noise,severity:3}"
