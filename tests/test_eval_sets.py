@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -175,7 +176,7 @@ def test_bad_settings_are_refused_in_one_line_at_validation(overrides: list[str]
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
-def only_run(cwd: Path) -> object:
+def only_run(cwd: Path) -> tuple[MlflowClient, Run]:
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id])
     return client, run
