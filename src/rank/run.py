@@ -163,7 +163,7 @@ def rank(settings: RankSettings, pool: list[Candidate], names: list[str], launch
         seconds = time.perf_counter() - started
         measured = measured_for(settings, results, launch_dir)
         files = report.write(out, title, results, names, skipped, measured, seconds, settings)
-        parent.log_metrics(report.parent_metrics(results, names, measured, seconds))
+        parent.log_metrics(report.parent_metrics(results, measured, seconds))
         for path in files:
             parent.log_artifact(path)
     print((out / "report.md").read_text(encoding="utf-8"))
