@@ -20,7 +20,7 @@ from src.config import TrackingConfig
 from src.data import DATA
 from src.data.common import DataModule
 from src.errors import one_line
-from src.features import NAMESPACE, FeatureCache
+from src.features import NAMESPACE, FeatureCache, prefix_what
 from src.rank import report
 from src.rank.cli import Candidate
 from src.rank.config import SCORES, RankSettings, score_schema
@@ -81,7 +81,7 @@ def features_of(candidate: Candidate, examples: int | None) -> tuple[Features, b
     keep = subsample(datamodule, examples, cfg.seed)
     cache = FeatureCache(cfg.cache, datamodule, cfg.trainer.get("accelerator"))
     n = len(backbone.layer_groups())
-    what = {"output": "features", "cut": n, "groups": n}  # the key a linear_probe run's entry has
+    what = prefix_what(n, n)  # the key a linear_probe run's entry has
     if keep is not None:
         what["subset"] = keep
     entry = cache.entry("train", backbone, what, lambda batch: backbone.prefix_output(n, batch))
