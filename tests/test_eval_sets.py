@@ -19,12 +19,11 @@ from PIL import Image
 
 from src.backbones.base import Preprocessing
 from src.config import validate
-from src.data import DATA
 from src.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from src.data.digits import shift_images
 from src.data.text_noise import TEXT_NOISES, noisy
 from src.schema import ConfigError
-from tests.conftest import classification, composed
+from tests.conftest import composed
 from tests.test_data import GREY, image_tree
 from tests.test_failures import restore_signals, run_in_process  # noqa: F401 (fixture)
 from tests.test_tasks import digit_manifest, setup, write
@@ -54,10 +53,8 @@ def test_a_corruption_is_seeded_and_grows_with_severity(name: str) -> None:
 
 
 def built(node: dict, preprocessing: Preprocessing = GREY) -> Any:
-    """The data module of `node`, set up as a run sets it up."""
-    dm = DATA.build(node, preprocessing=preprocessing, seed=0, task=classification())
-    dm.setup("fit")
-    return dm
+    """The data module of `node` for a classification task, set up as a run sets it up."""
+    return setup(node, preprocessing, "classification")
 
 
 @pytest.mark.parametrize("kind", TEXT_NOISES)
