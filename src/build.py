@@ -163,9 +163,10 @@ class EpochCheckpoint(ModelCheckpoint):
 
     Lightning, saving at epoch end, writes `last.ckpt` only in epochs that write a top-k checkpoint, so the
     resume point would be the last *improving* epoch; here every epoch writes it. In an epoch that improves,
-    `last.ckpt` links to the `best.ckpt` just written instead of writing the same state again (a frozen
-    backbone's checkpoint is the whole backbone: the second write cost a cached linear-probe epoch a third of
-    its time). Lightning's `save_last="link"` would also link in epochs that do not improve, to an older state.
+    `last.ckpt` links to the `best.ckpt` just written instead of writing the same state again (a checkpoint that
+    holds a backbone is large: before checkpoints left out the groups no epoch changes, `TransferModule.fixed_state`,
+    the second write cost a cached linear-probe epoch a third of its time). Lightning's `save_last="link"` would
+    also link in epochs that do not improve, to an older state.
     """
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -189,7 +189,11 @@ class _Warm:
             return
         stat = path.stat()
         self.entries[str(path)] = ((stat.st_size, stat.st_mtime_ns), size, value)
-        while sum(e[1] for e in self.entries.values()) > self.budget:
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop the least recently used entries until the rest fit the budget."""
+        while self.entries and sum(e[1] for e in self.entries.values()) > self.budget:
             self.entries.popitem(last=False)
 
 
@@ -199,8 +203,7 @@ WARM = _Warm()
 def keep_warm(gb: float) -> None:
     """Set how much this process keeps of the entries it loaded (a run's `cache.warm_gb`)."""
     WARM.budget = gb * 1e9
-    while WARM.entries and sum(e[1] for e in WARM.entries.values()) > WARM.budget:
-        WARM.entries.popitem(last=False)
+    WARM.trim()
 
 
 class Cache:

@@ -25,13 +25,18 @@ def scores(trainer: pl.Trainer, module: pl.LightningModule, loader: Any, prefix:
     return module.task.evaluate(outputs, targets, prefix)
 
 
-def tested_and_eval_sets(trainer: pl.Trainer, module: pl.LightningModule, prefix: str) -> dict[str, torch.Tensor]:
-    """`<prefix><metric>` on the split tested and `<prefix><set>/<metric>` on every named evaluation set."""
-    datamodule = trainer.datamodule
-    out = scores(trainer, module, datamodule.test_dataloader(), prefix)
-    for name, loader in datamodule.eval_dataloaders().items():
+def eval_set_scores(trainer: pl.Trainer, module: pl.LightningModule, prefix: str) -> dict[str, torch.Tensor]:
+    """`<prefix><set>/<metric>` on every named evaluation set."""
+    out: dict[str, torch.Tensor] = {}
+    for name, loader in trainer.datamodule.eval_dataloaders().items():
         out |= scores(trainer, module, loader, f"{prefix}{name}/")
     return out
+
+
+def tested_and_eval_sets(trainer: pl.Trainer, module: pl.LightningModule, prefix: str) -> dict[str, torch.Tensor]:
+    """`<prefix><metric>` on the split tested and `<prefix><set>/<metric>` on every named evaluation set."""
+    tested = scores(trainer, module, trainer.datamodule.test_dataloader(), prefix)
+    return tested | eval_set_scores(trainer, module, prefix)
 
 
 class EvalSets(pl.Callback):
@@ -41,13 +46,9 @@ class EvalSets(pl.Callback):
     def __init__(self, every_val: bool = False) -> None:
         self.every_val = every_val
 
-    def _log(self, trainer: pl.Trainer, module: pl.LightningModule, prefix: str) -> None:
-        for name, loader in trainer.datamodule.eval_dataloaders().items():
-            module.log_dict(scores(trainer, module, loader, f"{prefix}{name}/"))
-
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_val and not trainer.sanity_checking:
-            self._log(trainer, pl_module, "eval/")
+            pl_module.log_dict(eval_set_scores(trainer, pl_module, "eval/"))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module, "test/")
+        pl_module.log_dict(eval_set_scores(trainer, pl_module, "test/"))

@@ -93,6 +93,12 @@ def fixed_state(strategy: Strategy, module: nn.Module, backbone: Backbone, epoch
     return {f"{names[id(m)]}.{key}" for group in groups[:frozen] for m in group.modules for key in m.state_dict()}
 
 
+def prefix_what(cut: int, groups: int) -> dict[str, Any]:
+    """The cache key's `what` for the output of the first `cut` of the backbone's `groups` layer groups (all of
+    them: the pooled features, the entry a linear probe reads; src.rank computes the same one)."""
+    return {"output": "frozen prefix" if cut < groups else "features", "cut": cut, "groups": groups}
+
+
 def static_cut(strategy: Strategy, backbone: Backbone, epochs: int) -> int:
     """The cut to cache for the whole run (0: none): the frozen prefix, or the largest cut below it the backbone
     can split at, when the prefix is deterministic."""
@@ -390,15 +396,13 @@ class FeatureCache:
         if 0 < cut < n and not self.fits(splits, backbone, prefix, "frozen prefix"):
             cut = 0
         if cut:
-            what = {"output": "frozen prefix" if cut < n else "features", "cut": cut, "groups": n}
             for split in splits:
-                entry = self.entry(split, backbone, what, lambda b, c=cut: backbone.prefix_output(c, b))
+                entry = self.entry(split, backbone, prefix_what(cut, n), prefix)
                 self.datamodule.splits[split] = CachedSplit(entry, self.datamodule.splits[split])
             module.frozen_cut, module.use_frozen = cut, True
         elif probes(strategy, n, epochs) and deterministic(strategy, backbone, n):
-            what = {"output": "features", "cut": n, "groups": n}
             for split in splits:
-                entry = self.entry(split, backbone, what, lambda b: backbone.prefix_output(n, b))
+                entry = self.entry(split, backbone, prefix_what(n, n), lambda b: backbone.prefix_output(n, b))
                 attached[split][FROZEN] = entry["values"]
             module.frozen_cut = n
             callbacks.append(FrozenFeatureSwitch(strategy, n))

@@ -31,6 +31,14 @@ def shared(*parts: str) -> Path:
     return path
 
 
+def composed(*overrides: str):
+    """The config `python -m src.run OVERRIDES` composes (Hydra's compose API over conf/), unresolved."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m src.run ARGS` in `cwd`, offline, with MLflow/Hydra outputs isolated under `cwd`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}

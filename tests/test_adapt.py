@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from src.adapt import ADAPT
 from src.adapt.base import ramp
@@ -22,7 +21,7 @@ from src.data import DATA
 from src.data.digits import digits_arrays, shift_images
 from src.module import Head, TransferModule
 from src.optim import OptimConfig, configure_optimizers
-from tests.conftest import REPO, classification
+from tests.conftest import classification, composed
 from tests.test_failures import QUICK, only_run, restore_signals, run_in_process  # noqa: F401
 
 # method -> (config overrides, the metric of its own unweighted loss)
@@ -33,11 +32,6 @@ METHODS = {
     "mcc": ({"ramp": False}, "train/mcc_raw"),
     "entropy": ({"ramp": False, "weight": 1.0}, "train/entropy_raw"),
 }
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_gradient_reversal_flips_and_scales_the_gradient() -> None:

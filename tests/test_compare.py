@@ -20,7 +20,7 @@ from src.compare.cli import run as run_compare
 from src.compare.plots import pareto_front
 from src.compare.runs import open_store, select
 from src.compare.stats import difference, expected_max, mean_interval
-from tests.conftest import REPO
+from tests.conftest import REPO, composed
 
 T2 = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
 T3 = 3.182446305284263  # ... 3 degrees of freedom
@@ -256,11 +256,6 @@ def test_sweep_selects_the_children_of_a_parent(store: Store) -> None:
 
 
 # End to end on real runs: tiny digits trainings in-process, then the CLI's compare on their store.
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_end_to_end_on_real_digits_runs(tmp_path: Path) -> None:

@@ -9,15 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from src.config import ConfigError, validate
-from tests.conftest import REPO, run_cli
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+from tests.conftest import REPO, composed, run_cli
 
 
 def test_default_config_validates() -> None:

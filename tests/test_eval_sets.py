@@ -13,19 +13,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from src.backbones.base import Preprocessing
 from src.config import validate
-from src.data import DATA
 from src.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from src.data.digits import shift_images
 from src.data.text_noise import TEXT_NOISES, noisy
 from src.schema import ConfigError
-from tests.conftest import classification
+from tests.conftest import composed
 from tests.test_data import GREY, image_tree
-from tests.test_failures import composed, restore_signals, run_in_process  # noqa: F401 (fixture)
+from tests.test_failures import restore_signals, run_in_process  # noqa: F401 (fixture)
 from tests.test_tasks import digit_manifest, setup, write
 
 NOISE = "+data.eval_sets.noise={corruption:gaussian_noise,severity:3}"
@@ -53,10 +53,8 @@ def test_a_corruption_is_seeded_and_grows_with_severity(name: str) -> None:
 
 
 def built(node: dict, preprocessing: Preprocessing = GREY) -> Any:
-    """The data module of `node`, set up as a run sets it up."""
-    dm = DATA.build(node, preprocessing=preprocessing, seed=0, task=classification())
-    dm.setup("fit")
-    return dm
+    """The data module of `node` for a classification task, set up as a run sets it up."""
+    return setup(node, preprocessing, "classification")
 
 
 @pytest.mark.parametrize("kind", TEXT_NOISES)
@@ -175,7 +173,7 @@ def test_bad_settings_are_refused_in_one_line_at_validation(overrides: list[str]
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
-def only_run(cwd: Path) -> object:
+def only_run(cwd: Path) -> tuple[MlflowClient, Run]:
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("transfer-lab").experiment_id])
     return client, run

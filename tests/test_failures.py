@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from src import preflight
@@ -25,16 +24,11 @@ from src.health import HealthCheck
 from src.schema import ConfigError
 from src.tracking.mlflow_run import store_lock
 from src.train import execute
-from tests.conftest import REPO, classification
+from tests.conftest import REPO, classification, composed
 from tests.test_freeze import build as build_pieces
 from tests.test_freeze import trainer as bare_trainer
 
 QUICK = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "tracking.log_checkpoint=false"]
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli, shared
+from tests.test_cache_bench import sst2_paths, store
 
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[([^\]]+)\]")
 # What a job's log says as it goes, in order: the phase that ends with each line.
@@ -71,17 +72,15 @@ def measure(jobs: int = 4, samples: int = 1000) -> dict[str, Any]:
     lrs = [round(0.01 * (i + 1), 3) for i in range(jobs)]
     with tempfile.TemporaryDirectory(prefix="grid-bench-") as root:
         tmp = Path(root)
-        sst2 = shared("sst2")
         args = [
             "-m",
             "experiment=sst2_minilm",
             "finetune=linear_probe",
             f"data.max_train_samples={samples}",
             f"optim.lr={','.join(map(str, lrs))}",
-            *(f"data.{split}_path={sst2 / f}" for split, f in {"train": "train.tsv", "val": "dev.tsv"}.items()),
-            f"data.test_path={sst2 / 'test.tsv'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"tracking.artifact_location={tmp / 'mlruns'}",
+            *sst2_paths(),
+            f"data.test_path={shared('sst2') / 'test.tsv'}",
+            *store(tmp),
             f"cache.dir={tmp / 'cache'}",
             f"hydra.sweep.dir={tmp / 'multirun'}",
         ]

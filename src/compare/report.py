@@ -185,7 +185,7 @@ def against_best(row: ShiftRow, column: str) -> str:
     return f"{fmt_diff(row.vs_best[column])}, {flag(row.within_noise(column), 'within noise', 'beyond noise')}"
 
 
-def shift_csv(comparison: Comparison, shift: Shift) -> str:
+def shift_csv(shift: Shift) -> str:
     """One row per group (and WiSE-FT alpha) with raw numbers: shift.csv."""
     records = []
     for row in shift.rows:
@@ -312,7 +312,7 @@ def build(
     if shift is not None:
         lines += shift_lines(comparison, shift)
         files.append(plots.effective_robustness(comparison, shift, out / "effective_robustness.png"))
-        (out / "shift.csv").write_text(shift_csv(comparison, shift), encoding="utf-8")
+        (out / "shift.csv").write_text(shift_csv(shift), encoding="utf-8")
     if comparison.size_key:
         lines += regime_lines(comparison)
         files.append(plots.learning_curve(comparison, out / "learning_curve.png"))

@@ -13,13 +13,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from src.regularization.config import WISE_FT
 from src.schema import ConfigError
 from src.sweep.trial import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG
+from src.tracking.multirun import RANK_ROLE
 from src.tracking.multirun import ROLE_TAG as GRID_ROLE_TAG
 from src.tracking.summary import EVAL_SETS_TAG, eval_sets
 
 REPORT_TAG = "report"  # set on the run a report is logged to; such runs are never compared
-WISE_FT = "wise_ft"  # test/wise_ft/<alpha>/[<set>/]<metric>: the run's WiSE-FT interpolations, one per alpha
 UNSET = {"None", "null", ""}  # how older runs recorded an unset value (newer runs omit the param)
 
 
@@ -212,7 +213,7 @@ def select(
         if REPORT_TAG not in r.data.tags
         and r.info.run_id not in parents
         and r.data.tags.get(ROLE_TAG) != "study"
-        and r.data.tags.get(GRID_ROLE_TAG) not in ("grid", "rank")  # rank: src.rank's runs score, never train
+        and r.data.tags.get(GRID_ROLE_TAG) not in ("grid", RANK_ROLE)
     ]
     if not jobs:
         scope = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}"

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 from src.data.corruptions import CORRUPTIONS, SEVERITIES
 from src.data.text_noise import TEXT_NOISES
 from src.registry import Registry
+from src.regularization.config import WISE_FT
 
 DATA: Registry[Any] = Registry("data")
 
@@ -24,7 +25,7 @@ TARGET_SHIFTS = ("invert", "rotate", "noise")
 # of the test split's images, one of digits' shifts of them, or noise on the test split's texts.
 EVAL_SET_KINDS = ("path", "corruption", "shift", "text_noise")
 GRADED_KINDS = ("corruption", "text_noise")  # the kinds that take a severity
-RESERVED_EVAL_SET_NAMES = ("wise_ft",)  # metric prefixes of their own (test/wise_ft/<alpha>/...)
+RESERVED_EVAL_SET_NAMES = (WISE_FT,)  # metric prefixes of their own (test/wise_ft/<alpha>/...)
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""The linear probe as Kumar et al. (2022) fit it for LP-FT: the task's convex probe, fitted to convergence on
-frozen features -- multinomial logistic regression for classes, one logistic regression per tag (multi-label),
-ridge regression on the standardised targets (regression): each is the task's own loss on a linear map, + L2.
+"""The linear probe as Kumar et al. (2022) fit it for LP-FT (`lp_ft`, and `linear_probe` with `probe_fit`): the
+task's convex probe, fitted to convergence on frozen features -- multinomial logistic regression for classes, one
+logistic regression per tag (multi-label), ridge regression on the standardised targets (regression): each is the
+task's own loss on a linear map, + L2.
 
 Features are extracted once, with the whole model in eval mode (no dropout) -- or read from the feature cache
 (`src.features`), which computed them the same way -- so the probe costs one forward pass
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from src.data.common import source_loader
+from src.finetune.strategy import Strategy
 from src.tasks.base import Task
 
 
@@ -80,3 +82,15 @@ class FitLinearProbe(pl.Callback):
         with torch.no_grad():
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)
+
+
+class ProbeFitStrategy(Strategy):
+    """A strategy whose head can be fitted instead of stepped (`ProbeFitConfig`): with `probe_fit`, it reads the
+    training set's frozen features and fits the head by `FitLinearProbe` before the first step."""
+
+    @property
+    def extracts_features(self) -> bool:
+        return self.cfg.probe_fit
+
+    def callbacks(self) -> list[pl.Callback]:
+        return super().callbacks() + ([FitLinearProbe(self.cfg.probe_l2)] if self.cfg.probe_fit else [])

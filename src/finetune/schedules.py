@@ -6,12 +6,11 @@ always trains. Each schedule is a pure function of the epoch, so resuming mid-sc
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 from mlflow.tracking import MlflowClient
 
 from src.backbones.base import Backbone
 from src.finetune.config import Milestone, MilestonesConfig
-from src.finetune.probe_fit import FitLinearProbe
+from src.finetune.probe_fit import ProbeFitStrategy
 from src.finetune.strategy import Strategy
 
 
@@ -73,15 +72,11 @@ class Milestones(Strategy):
         return set().union(*(self._groups(m, n_groups) for m in reached))
 
 
-class LpFt(Strategy):
+class LpFt(ProbeFitStrategy):
     """LP-FT (Kumar et al. 2022): probe first, so fine-tuning starts from a fitted head and distorts the pretrained
     features less; then fine-tune the whole network with the backbone at a lower LR. The probe is `probe_epochs`
     of head-only training at a large LR, or (`probe_fit`) the paper's logistic regression on features extracted
     once, which costs one forward pass and lets every epoch fine-tune (`probe_epochs: 0`)."""
-
-    @property
-    def extracts_features(self) -> bool:
-        return self.cfg.probe_fit
 
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         return set() if epoch < self.cfg.probe_epochs else set(range(n_groups))
@@ -95,6 +90,3 @@ class LpFt(Strategy):
     def schedule_restarts(self) -> list[int]:
         """Without a restart, fine-tuning would run on the cooled-down tail of the probe's schedule."""
         return [self.cfg.probe_epochs] if self.cfg.restart_schedule else []
-
-    def callbacks(self) -> list[pl.Callback]:
-        return super().callbacks() + ([FitLinearProbe(self.cfg.probe_l2)] if self.cfg.probe_fit else [])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-
-from src.finetune.probe_fit import FitLinearProbe
+from src.finetune.probe_fit import ProbeFitStrategy
 from src.finetune.strategy import Strategy
 from src.schema import ConfigError
 
@@ -13,15 +11,11 @@ class Full(Strategy):
     """Every layer group trains from the first step."""
 
 
-class LinearProbe(Strategy):
+class LinearProbe(ProbeFitStrategy):
     """Backbone frozen (no gradients computed through it); only the new head trains -- by gradient steps, or
     (`probe_fit`) fitted once by the task's convex probe, after which its LR is 0."""
 
     trains_backbone = False
-
-    @property
-    def extracts_features(self) -> bool:
-        return self.cfg.probe_fit
 
     def trainable_groups(self, epoch: int, n_groups: int) -> set[int]:
         return set()
@@ -35,9 +29,6 @@ class LinearProbe(Strategy):
                 "finetune.probe_fit: the fitted head is final, so every epoch after the first repeats its scores; "
                 f"set trainer.max_epochs=1 (got {epochs if epochs is not None else 'unbounded'})"
             )
-
-    def callbacks(self) -> list[pl.Callback]:
-        return super().callbacks() + ([FitLinearProbe(self.cfg.probe_l2)] if self.cfg.probe_fit else [])
 
 
 class Scratch(Strategy):

@@ -39,7 +39,8 @@ class Strategy:
     # Whether a layer group outside `trainable_groups` computes exactly its pretrained function, so the feature
     # cache may store its output (False for LoRA: adapters train inside "frozen" groups).
     frozen_groups_fixed: bool = True
-    # Whether the strategy reads the frozen backbone's features of the training set (LP-FT's fitted probe).
+    # Whether the strategy reads the frozen backbone's features of the training set (a fitted probe: LP-FT's, or
+    # linear_probe's with probe_fit).
     extracts_features: bool = False
 
     trains_backbone: bool = True  # False where the backbone is frozen by design (linear_probe; lora's adapters)

@@ -77,7 +77,7 @@ def bar_plot(results: list[Scored], names: list[str], path: Path) -> Path:
     return path
 
 
-def measured_lines(measured: Measured, results: list[Scored], seconds: float, confidence: float) -> list[str]:
+def measured_lines(measured: Measured, seconds: float, confidence: float) -> list[str]:
     lines = []
     for strategy in measured.strategies:
         n_runs = sum(len(v) for v in strategy.values.values())
@@ -162,7 +162,7 @@ def write(
     lines += ["", markdown_table(*score_table(results, names)), "", "![scores](scores.png)", ""]
     if measured is not None:
         check_agreement(measured, by_score(results, names), settings)
-        lines += measured_lines(measured, results, seconds, settings.confidence)
+        lines += measured_lines(measured, seconds, settings.confidence)
     else:
         lines += ["No measured runs of these candidates yet; measure them with, e.g.:", "", "```bash"]
         lines += [*grid_commands(results), "```", ""]
@@ -179,7 +179,7 @@ def write(
     return [out / "report.md", out / "scores.csv", bar_plot(results, names, out / "scores.png")]
 
 
-def parent_metrics(results: list[Scored], names: list[str], measured: Measured | None, seconds: float) -> dict:
+def parent_metrics(results: list[Scored], measured: Measured | None, seconds: float) -> dict:
     """The parent run's metrics: the ranking's time, and per strategy each score's tau and rho with intervals."""
     metrics = {"rank/seconds": seconds, "rank/candidates": float(len(results))}
     for strategy in measured.strategies if measured is not None else []:

@@ -20,7 +20,7 @@ from src.config import TrackingConfig
 from src.data import DATA
 from src.data.common import DataModule
 from src.errors import one_line
-from src.features import NAMESPACE, FeatureCache
+from src.features import NAMESPACE, FeatureCache, prefix_what
 from src.rank import report
 from src.rank.cli import Candidate
 from src.rank.config import SCORES, RankSettings, score_schema
@@ -30,10 +30,9 @@ from src.schema import ConfigError
 from src.tasks import TASKS
 from src.tracking import MLflowRun, flatten
 from src.tracking.mlflow_run import source_tags
-from src.tracking.multirun import ROLE_TAG
+from src.tracking.multirun import RANK_ROLE, ROLE_TAG
 
 log = logging.getLogger(__name__)
-ROLE = "rank"  # ROLE_TAG of the parent and of every candidate's run: src.compare never compares them
 
 
 @dataclass
@@ -82,7 +81,7 @@ def features_of(candidate: Candidate, examples: int | None) -> tuple[Features, b
     keep = subsample(datamodule, examples, cfg.seed)
     cache = FeatureCache(cfg.cache, datamodule, cfg.trainer.get("accelerator"))
     n = len(backbone.layer_groups())
-    what = {"output": "features", "cut": n, "groups": n}  # the key a linear_probe run's entry has
+    what = prefix_what(n, n)  # the key a linear_probe run's entry has
     if keep is not None:
         what["subset"] = keep
     entry = cache.entry("train", backbone, what, lambda batch: backbone.prefix_output(n, batch))
@@ -103,7 +102,7 @@ def score(
     """One candidate's MLflow run (tagged role=rank, nested under the parent): params as a run's, scores as
     metrics `rank/<score>`, and the seconds spent."""
     tags = {
-        ROLE_TAG: ROLE,
+        ROLE_TAG: RANK_ROLE,
         "candidate": candidate.name,
         "backbone": candidate.raw.backbone.name,
         "data": candidate.raw.data.name,
@@ -141,7 +140,7 @@ def rank(settings: RankSettings, pool: list[Candidate], names: list[str], launch
     out = Path(launch_dir, settings.out or f"reports/rank-{stamp}")
     tracking = TrackingConfig(uri=settings.uri, experiment=settings.experiment)
     title = settings.preset or f"{len(pool)} candidates"
-    parent_tags = {ROLE_TAG: ROLE, "rank.candidates": str(len(pool)), **source_tags("python -m src.rank")}
+    parent_tags = {ROLE_TAG: RANK_ROLE, "rank.candidates": str(len(pool)), **source_tags("python -m src.rank")}
     started = time.perf_counter()
     with MLflowRun(tracking, launch_dir, f"rank·{title}·{stamp}", parent_tags) as parent:
         parent.log_params(flatten({"rank": {k: v for k, v in vars(settings).items() if k != "uri"}}))
@@ -163,7 +162,7 @@ def rank(settings: RankSettings, pool: list[Candidate], names: list[str], launch
         seconds = time.perf_counter() - started
         measured = measured_for(settings, results, launch_dir)
         files = report.write(out, title, results, names, skipped, measured, seconds, settings)
-        parent.log_metrics(report.parent_metrics(results, names, measured, seconds))
+        parent.log_metrics(report.parent_metrics(results, measured, seconds))
         for path in files:
             parent.log_artifact(path)
     print((out / "report.md").read_text(encoding="utf-8"))

@@ -8,6 +8,9 @@ from typing import Any
 
 from src.schema import check
 
+# The metric prefix of a WiSE-FT curve: test/wise_ft/<alpha>/[<set>/]<metric> (also a reserved eval-set name).
+WISE_FT = "wise_ft"
+
 
 @dataclass
 class L2SPConfig:

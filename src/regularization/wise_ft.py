@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import MLFlowLogger
 
 from src.eval_sets import tested_and_eval_sets
+from src.regularization.config import WISE_FT
 from src.regularization.reference import PretrainedReference
 from src.tracking.plots import wise_ft_figure
 
@@ -41,7 +42,7 @@ class WiseFT(pl.Callback):
             points: dict[str, dict[str, float]] = {}
             for alpha in self.alphas:
                 self.reference.interpolate(backbone, alpha)
-                metrics = tested_and_eval_sets(trainer, pl_module, f"test/wise_ft/{alpha_name(alpha)}/")
+                metrics = tested_and_eval_sets(trainer, pl_module, f"test/{WISE_FT}/{alpha_name(alpha)}/")
                 pl_module.log_dict(metrics)
                 points[alpha_name(alpha)] = {k: float(v) for k, v in metrics.items()}
                 fine_tuned.interpolate(backbone, 0.0)

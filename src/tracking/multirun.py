@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 INFO_FILE = "multirun.json"
-ROLE_TAG = "role"  # "grid" on a grid's parent run
+ROLE_TAG = "role"  # "grid" on a grid's parent run; RANK_ROLE on src.rank's runs
+RANK_ROLE = "rank"  # a ranking's parent and candidate runs: they score backbones, never train; never compared
 
 
 @dataclass

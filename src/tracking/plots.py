@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from src.regularization.config import WISE_FT  # noqa: E402
+
 
 def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str]) -> Figure:
     """Counts with row-normalised colour, so small classes stay readable."""
@@ -35,10 +37,10 @@ def wise_ft_figure(points: dict[str, dict[str, float]], metric: str, sets: list[
     alphas in increasing order, each point labelled with its alpha (the robustness/accuracy trade-off)."""
     alphas = sorted(points, key=float)
     fig, ax = plt.subplots(figsize=(6, 5))
-    id_values = [points[a][f"test/wise_ft/{a}/{metric}"] for a in alphas]
+    id_values = [points[a][f"test/{WISE_FT}/{a}/{metric}"] for a in alphas]
     for name in sets or [None]:  # without sets the curve is the diagonal: still shows where each alpha lands
         key = metric if name is None else f"{name}/{metric}"
-        values = [points[a][f"test/wise_ft/{a}/{key}"] for a in alphas]
+        values = [points[a][f"test/{WISE_FT}/{a}/{key}"] for a in alphas]
         ax.plot(id_values, values, marker="o", label=name or "test")
         for alpha, x, y in zip(alphas, id_values, values, strict=True):
             ax.annotate(alpha, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
