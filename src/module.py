@@ -13,6 +13,24 @@ from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from src.backbones.base import Backbone
 from src.tasks.base import Task
 
+# A checkpoint's list of the state entries it leaves out (`TransferModule.fixed_state`).
+OMITTED_STATE = "omitted_state"
+
+
+def load_part(module: nn.Module, checkpoint: dict, prefix: str) -> None:
+    """Load a checkpoint's `<prefix>.*` weights into `module`, strictly but for the entries the checkpoint left out
+    (unchanged since built, see `TransferModule.fixed_state`): for those the module's own weights stand, so it must
+    hold what the run started from (its pretrained backbone, or the run's own model)."""
+    start = prefix + "."
+    state = {k[len(start) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(start)}
+    omitted = {k[len(start) :] for k in checkpoint.get(OMITTED_STATE, []) if k.startswith(start)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - omitted:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: missing {sorted(set(missing) - omitted)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+
 
 class Head(nn.Sequential):
     """The new task head: dropout + linear on the backbone's pooled features, one output per class, tag or
@@ -189,13 +207,14 @@ class TransferModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in self.fixed_state:
             state.pop(key, None)
+        checkpoint[OMITTED_STATE] = sorted(self.fixed_state)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if not self.fixed_state:
-            return
+        """The entries the checkpoint left out are those the module holds as built (what a resumed or tested run
+        rebuilds: the pretrained weights of groups that stayed frozen)."""
         current = self.state_dict()
         state = checkpoint["state_dict"]
-        for key in self.fixed_state:
+        for key in checkpoint.get(OMITTED_STATE, []):
             state.setdefault(key, current[key])
 
     def configure_optimizers(self) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from src import evaluate, predict
@@ -301,3 +302,16 @@ def test_predictions_for_many_classes_build_one_unfragmented_frame() -> None:
         out = model.predict_frame(pd.DataFrame({"image": ["x"] * 4}))
     assert list(out.columns) == ["label", *(f"prob_{n}" for n in names)]
     assert list(out["label"]) == [names[i] for i in logits.argmax(1)]
+
+
+def test_a_linear_probe_checkpoint_without_its_frozen_backbone_evaluates_and_initialises(tmp_path: Path) -> None:
+    """A linear probe's Lightning checkpoint holds its head only (`omitted_state` lists the backbone): `src.evaluate`
+    on that file, and `finetune.init_from=<file>`, take the backbone the run started from."""
+    assert run_in_process(tmp_path, "finetune=linear_probe", "trainer.max_epochs=1") == 0
+    checkpoint = tmp_path / "outputs" / "run" / "checkpoints" / "best.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["omitted_state"] and not any(k.startswith("backbone.") for k in saved["state_dict"])
+    run = finished_run(tmp_path)
+    again = in_dir(tmp_path, evaluate.main, [f"run={checkpoint}", f"tracking.uri={store(tmp_path)}"])
+    assert again["test/acc"] == pytest.approx(run.data.metrics["test/acc"], abs=1e-6)
+    assert run_in_process(tmp_path / "init", f"finetune.init_from={checkpoint}", "trainer.max_epochs=1") == 0

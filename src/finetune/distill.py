@@ -28,7 +28,7 @@ from src.backbones.base import Backbone, Preprocessing
 from src.finetune.config import DistillConfig
 from src.finetune.init import resolve_checkpoint
 from src.finetune.strategy import Strategy
-from src.module import TEACHER_LOGITS, Head
+from src.module import OMITTED_STATE, TEACHER_LOGITS, Head, load_part
 from src.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,17 @@ def _teacher_backbone_config(cfg: DistillConfig, client: MlflowClient | None) ->
 
 def load_teacher(cfg: DistillConfig, client: MlflowClient | None) -> Classifier:
     """Rebuild the teacher's backbone (random init, no pretraining) and load its fine-tuned backbone + head."""
-    state = torch.load(resolve_checkpoint(cfg.teacher, client), map_location="cpu", weights_only=True)["state_dict"]
-    parts = {
-        prefix: {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        for prefix in ("backbone.", "head.")
-    }
-    if not parts["head."]:
+    checkpoint = torch.load(resolve_checkpoint(cfg.teacher, client), map_location="cpu", weights_only=True)
+    head_state = {k[len("head.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("head.")}
+    if not head_state:
         raise ValueError(f"finetune.teacher={cfg.teacher!r}: the checkpoint holds no 'head.*' weights")
-    backbone = BACKBONES.build(_teacher_backbone_config(cfg, client), pretrained=False)
-    backbone.load_state_dict(parts["backbone."], strict=True)
-    num_classes, feature_dim = parts["head."]["1.weight"].shape
+    # Random init unless the checkpoint left frozen groups out: those are the pretrained weights.
+    pretrained = any(k.startswith("backbone.") for k in checkpoint.get(OMITTED_STATE, []))
+    backbone = BACKBONES.build(_teacher_backbone_config(cfg, client), pretrained=pretrained)
+    load_part(backbone, checkpoint, "backbone")
+    num_classes, feature_dim = head_state["1.weight"].shape
     head = Head(feature_dim, num_classes)
-    head.load_state_dict(parts["head."])
+    head.load_state_dict(head_state)
     return Classifier(backbone, head)
 
 

@@ -8,6 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from src.module import OMITTED_STATE, load_part
+
 CHECKPOINT_ARTIFACT = "checkpoints/best.ckpt"
 
 
@@ -33,7 +35,9 @@ def backbone_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(backbone: nn.Module, source: str, client: MlflowClient) -> None:
-    state = backbone_state(resolve_checkpoint(source, client))
-    if not state:
+    """The checkpoint's backbone weights; those a Lightning checkpoint left out (frozen all its run) stay the
+    pretrained ones this backbone was built with."""
+    checkpoint = torch.load(resolve_checkpoint(source, client), map_location="cpu", weights_only=True)
+    if not any(k.startswith("backbone.") for k in [*checkpoint["state_dict"], *checkpoint.get(OMITTED_STATE, [])]):
         raise ValueError(f"finetune.init_from={source!r}: the checkpoint holds no 'backbone.*' weights")
-    backbone.load_state_dict(state, strict=True)
+    load_part(backbone, checkpoint, "backbone")

@@ -131,14 +131,16 @@ def load_checkpoint(classifier: TrainedModel, path: Path) -> None:
     """Replace the model's weights by a training checkpoint's (`backbone.*`, `head.*` keys)."""
     import torch
 
+    from src.module import load_part
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["state_dict"]
     except (OSError, KeyError, RuntimeError) as e:
         raise ConfigError(f"checkpoint: cannot read weights from {path}: {e}") from None
     for name in ("backbone", "head"):
-        part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         try:
-            getattr(classifier, name).load_state_dict(part)
+            load_part(getattr(classifier, name), checkpoint, name)
         except RuntimeError as e:
             first = str(e).splitlines()[0]
             raise ConfigError(f"checkpoint: {path} does not fit the run's model ({name}): {first}") from None
