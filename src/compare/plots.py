@@ -157,8 +157,12 @@ def effective_robustness(comparison: Comparison, shift: Shift, path: Path) -> Pa
     columns = list(dict.fromkeys([shift.summary, *shift.sets]))  # the summary (mean over sets) first
     colors = {id(g): f"C{i % 10}" for i, g in enumerate(comparison.groups)}
     styles = {c: ("--", "-.", ":")[i % 3] for i, c in enumerate(dict.fromkeys(r.trend_context for r in shift.rows))}
-    fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5.5), squeeze=False)
-    for ax, column in zip(axes[0], columns, strict=True):
+    ncols = min(len(columns), 4)  # wrapped: six eval sets side by side are too narrow to read
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 5.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(columns) :]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, columns, strict=False):
         points = [(r, r.estimates[None], r.estimates[column]) for r in shift.rows]
         points = [(r, x, y) for r, x, y in points if x is not None and y is not None]
         curves: dict[int, list[tuple[float, float]]] = {}  # per group: its alphas, ascending
