@@ -216,7 +216,15 @@ class MLflowRun:
 
     @leader_only
     def log_inputs(self, inputs: list[Any]) -> None:
-        self.client.log_inputs(self.run_id, inputs)
+        """Two workers logging the same data set at once race in MLflow's store (it looks the data set up, then
+        inserts it: the second insert breaks the unique key); once the first has inserted it, a retry links it."""
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except mlflow.exceptions.MlflowException as e:
+            if "unique" not in str(e).lower():
+                raise
+            time.sleep(0.5)
+            self.client.log_inputs(self.run_id, inputs)
 
     @leader_only
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
