@@ -173,7 +173,8 @@ class _Warm:
         self.budget = 0.0
         self.entries: OrderedDict[str, tuple[tuple[int, int], int, Any]] = OrderedDict()
 
-    def get(self, path: Path) -> Any | None:
+    def get(self, path: Path) -> tuple[Any, int] | None:
+        """The entry loaded from `path` and its size, while the file is the one it was loaded from."""
         found = self.entries.get(str(path))
         if found is None:
             return None
@@ -182,7 +183,7 @@ class _Warm:
             del self.entries[str(path)]
             return None
         self.entries.move_to_end(str(path))
-        return found[2]
+        return found[2], found[1]
 
     def put(self, path: Path, size: int, value: Any) -> None:
         if size > self.budget:
@@ -228,8 +229,9 @@ class Cache:
             return None
         warm = WARM.get(data)
         if warm is not None:
-            self.stats.bytes += data.stat().st_size
-            return warm
+            value, size = warm
+            self.stats.bytes += size
+            return value
         try:
             info = json.loads(meta.read_text())
             if data.stat().st_size != info["size"] or _sha256(data) != info["sha256"]:

@@ -149,7 +149,8 @@ def log_model(
         label_separator=getattr(datamodule.cfg, "label_separator", None),
         source_run_id=tracker.run_id,
     )
-    structure = fingerprint(dataclasses.asdict(spec) | {"source_run_id": None}, signature(spec, module.task).to_dict())
+    model_signature = signature(spec, module.task)
+    structure = fingerprint(dataclasses.asdict(spec) | {"source_run_id": None}, model_signature.to_dict())
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracker.uri)
     try:
@@ -167,7 +168,7 @@ def log_model(
                 python_model=TransferPyfunc(),
                 artifacts={"model": tmp},
                 code_paths=[str(Path(src.__file__).parent)],
-                signature=signature(spec, module.task),
+                signature=model_signature,
                 input_example=examples(datamodule, spec.input),
                 pip_requirements=requirements(),
                 registered_model_name=register_as,
