@@ -188,18 +188,22 @@ class EpochCheckpoint(ModelCheckpoint):
 
 def callbacks(
     cfg: RunConfig, extra: list[pl.Callback], context: HydraContext
-) -> tuple[ModelCheckpoint, list[pl.Callback]]:
-    """Checkpointing on the objective, per-epoch state logging, early stopping, plus strategy/regularizer ones."""
+) -> tuple[ModelCheckpoint | None, list[pl.Callback]]:
+    """Checkpointing on the objective, per-epoch state logging, early stopping, plus strategy/regularizer ones.
+    `trainer.enable_checkpointing=false`: no checkpoint (for runs that validate once, at the end, where it would
+    be written and never read): test and the logged model use the last weights, a killed run starts over."""
     mode = "max" if cfg.objective.direction == "maximize" else "min"
-    checkpoint = EpochCheckpoint(
-        dirpath=context.output_dir / "checkpoints",
-        filename="best",
-        monitor=cfg.objective.metric,
-        mode=mode,
-        save_last=True,
-    )
+    checkpoint = None
+    if cfg.trainer.get("enable_checkpointing") is not False:
+        checkpoint = EpochCheckpoint(
+            dirpath=context.output_dir / "checkpoints",
+            filename="best",
+            monitor=cfg.objective.metric,
+            mode=mode,
+            save_last=True,
+        )
     # Strategy/regularizer callbacks first: the logger records the state they set at each epoch start.
-    out: list[pl.Callback] = [checkpoint, *extra, TrainingStateLogger()]
+    out: list[pl.Callback] = [*([checkpoint] if checkpoint else []), *extra, TrainingStateLogger()]
     stopping = cfg.regularization.early_stopping
     if stopping.patience is not None:
         out.append(EarlyStopping(cfg.objective.metric, stopping.min_delta, stopping.patience, mode=mode))
@@ -254,11 +258,14 @@ def keeps_weights(cfg: RunConfig, context: HydraContext, trial: JobTrial, tracke
 
 
 def objective_value(
-    cfg: RunConfig, trainer: pl.Trainer, checkpoint: ModelCheckpoint, tracker: MLflowRun
+    cfg: RunConfig, trainer: pl.Trainer, checkpoint: ModelCheckpoint | None, tracker: MLflowRun
 ) -> float | list[float]:
-    """The best validation value of the objective metric over the run; with secondary objectives a list that
-    adds the last logged value of each (read back from MLflow, which holds every metric the run logged)."""
-    score = checkpoint.best_model_score
+    """The best validation value of the objective metric over the run (the checkpoint's, else the best of its
+    logged history); with secondary objectives a list that adds the last logged value of each (read back from
+    MLflow, which holds every metric the run logged)."""
+    score = checkpoint.best_model_score if checkpoint is not None else None
+    if checkpoint is None and (history := tracker.client.get_metric_history(tracker.run_id, cfg.objective.metric)):
+        score = (max if cfg.objective.direction == "maximize" else min)(m.value for m in history)
     if score is None:
         score = trainer.callback_metrics[cfg.objective.metric]
     tracker.log_metrics({best_metric(cfg.objective.metric): float(score)})

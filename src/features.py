@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from src.backbones.base import Backbone, Preprocessing
 from src.cache import Cache, fingerprint, state_digest
 from src.config import CacheConfig
-from src.data.common import DataModule
+from src.data.common import DataModule, LengthOrder, lengths_of
 from src.finetune.bn import batch_norms
 from src.finetune.strategy import Strategy
 from src.module import FROZEN, TransferModule
@@ -153,15 +153,6 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
 # --- computing entries -------------------------------------------------------------------------------------------
 
 
-def _by_length(dataset: Dataset) -> list[int]:
-    """Encoding order: text by token count (batches need little padding), anything else as stored."""
-    n = len(dataset)
-    first = dataset[0] if n else {}
-    if "input_ids" not in first:
-        return list(range(n))
-    return sorted(range(n), key=lambda i: len(dataset[i]["input_ids"]))
-
-
 def _device(accelerator: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and accelerator not in ("cpu",) else "cpu")
 
@@ -178,7 +169,8 @@ def encode(
 ) -> Entry:
     """`fn` (the model in eval mode) over every sample of `dataset`, stored in dataset order: `values` (N, ...),
     or for token states `tokens` (sum of lengths, H) + `lengths` (N,); plus `labels` (N,)."""
-    order = _by_length(dataset)
+    lengths = lengths_of(dataset)  # text in order of length: batches need little padding
+    order = list(range(len(dataset))) if lengths is None else LengthOrder(lengths).order
     loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size, collate_fn=collate or default_collate)
     was_training, original = model.training, next(model.parameters()).device
     model.eval().to(device)

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric, MetricCollection
 
 from src.backbones.base import Backbone
+from src.optim import clip_gradients
 from src.tasks.base import Task
 
 # A checkpoint's list of the state entries it leaves out (`TransferModule.fixed_state`).
@@ -219,3 +220,8 @@ class TransferModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return self._configure_optim(self)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val or 0.0, gradient_clip_algorithm or "norm")

@@ -13,6 +13,7 @@ from functools import partial
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
 from src.backbones.base import LayerGroup
@@ -42,13 +43,14 @@ def lr_factor(
 
 
 def build_optimizer(
-    cfg: OptimConfig, groups: list[LayerGroup], head: nn.Module, weight_decay: float
+    cfg: OptimConfig, groups: list[LayerGroup], head: nn.Module, weight_decay: float, fuse: bool = True
 ) -> torch.optim.Optimizer:
+    """`fuse`: whether the trainer lets AdamW use its fused kernel (see `fusable`)."""
     lrs = cfg.group_lrs or layer_lrs(cfg.lr, len(groups), cfg.layer_decay, cfg.head_lr_mult)
     pgroups = param_groups(groups, head, list(lrs), weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(pgroups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(pgroups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fusable(pgroups))
+    return torch.optim.AdamW(pgroups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fuse and fusable(pgroups))
 
 
 def fusable(pgroups: list[dict]) -> bool:
@@ -57,6 +59,29 @@ def fusable(pgroups: list[dict]) -> bool:
     params = [p for group in pgroups for p in group["params"]]
     devices = {p.device.type for p in params}
     return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
+def _bf16(trainer: pl.Trainer) -> bool:
+    """Mixed precision without a loss scaler (bf16): gradients reach the optimizer as they are."""
+    plugin = trainer.precision_plugin
+    return isinstance(plugin, MixedPrecision) and plugin.scaler is None
+
+
+def trainer_fuses(trainer: pl.Trainer) -> bool:
+    """Whether AdamW may fuse: not under fp16 loss scaling with clipping, where the fused kernel would unscale the
+    gradients inside its step, after they were clipped still scaled."""
+    plugin = trainer.precision_plugin
+    return not (isinstance(plugin, MixedPrecision) and plugin.scaler is not None and trainer.gradient_clip_val)
+
+
+def clip_gradients(module: pl.LightningModule, optimizer: torch.optim.Optimizer, value: float, algorithm: str) -> None:
+    """`configure_gradient_clipping`: Lightning's mixed-precision plugin refuses to clip any optimizer that unscales
+    its gradients itself (fused AdamW), a guard only fp16's loss scaler needs; under bf16 the gradients are clipped
+    as they are, so the fused kernel stays (unfused AdamW made a bf16 MiniLM step slower than an fp32 one)."""
+    if _bf16(module.trainer):
+        Precision.clip_gradients(module.trainer.precision_plugin, optimizer, value, algorithm)
+    else:
+        module.clip_gradients(optimizer, value, algorithm)
 
 
 def phased_factor(step: int, boundaries: Sequence[int], **schedule: object) -> float:
@@ -87,7 +112,8 @@ def configure_optimizers(
     """What `LightningModule.configure_optimizers` returns: optimizer + per-step LambdaLR over the whole fit,
     started over (warmup, then decay) at each epoch in `restarts` (a strategy's phases, e.g. LP-FT's)."""
     head = nn.ModuleList([module.head, *module.aux_modules])  # auxiliary heads (domain discriminators) train with it
-    optimizer = build_optimizer(cfg, module.backbone.layer_groups(), head, weight_decay)
+    groups = module.backbone.layer_groups()
+    optimizer = build_optimizer(cfg, groups, head, weight_decay, trainer_fuses(module.trainer))
     factor = partial(
         phased_factor,
         boundaries=phase_boundaries(module.trainer, restarts),

@@ -100,7 +100,8 @@ def run(cfg: RunConfig, raw: DictConfig, context: HydraContext, resume: ResumePo
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else cfg.ckpt_path)
         tracker.set_tags(health.tags())
-        trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None)
+        best = checkpoint.best_model_path if checkpoint else None  # None: test the weights as they are
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         value = build.objective_value(cfg, trainer, checkpoint, tracker)
         keep = build.keeps_weights(cfg, context, trial, tracker, value)
         build.log_results(tracker, cfg, raw, module, datamodule, context, keep_weights=keep)

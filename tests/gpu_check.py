@@ -70,7 +70,7 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(["32-true", "bf16-mixed"], 32, 100, 64, 32, 3, None, 8000, 100, 2000, 3)
-DRY_SIZES = Sizes(["32-true"], 4, 2, 32, 4, 1, 64, 16, 2, 16, 2)
+DRY_SIZES = Sizes(["32-true", "bf16-mixed"], 4, 2, 32, 4, 1, 64, 16, 2, 16, 2)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from src.finetune.param_groups import layer_lrs
 from src.module import Head
 from src.optim import OptimConfig, build_optimizer, lr_factor
 from tests.conftest import run_cli
+from tests.test_failures import QUICK, only_run, run_in_process
 
 
 def small_cnn():
@@ -132,3 +133,13 @@ def test_every_optimizer_follows_the_lr_chain(name: str) -> None:
     assert composed_optim(f"optim={name}", "finetune=linear_probe")["lr"] == 3.0e-2
     assert composed_optim(f"optim={name}", "finetune=full", "backbone.lr=7e-4")["lr"] == 7e-4
     assert composed_optim(f"optim={name}", "finetune=full", "optim.lr=5e-3")["lr"] == 5e-3
+
+
+def test_mixed_precision_with_gradient_clipping_trains(tmp_path: Path) -> None:
+    """bf16-mixed + clipping (the default gradient_clip_val) trains: Lightning refuses to clip a fused AdamW's
+    gradients under mixed precision, so the optimizer is not fused there (fused at full precision)."""
+    overrides = ["finetune=full", "trainer.max_epochs=1", "trainer.limit_train_batches=3", *QUICK[1:]]
+    assert run_in_process(tmp_path, "trainer.precision=bf16-mixed", *overrides) == 0
+    run = only_run(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.params["trainer.precision"] == "bf16-mixed"
+    assert run.data.metrics["train/loss"] > 0

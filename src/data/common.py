@@ -6,7 +6,7 @@ the same thing for every dataset, so runs are comparable across data modules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from src.cache import path_digest
 from src.data.config import DataConfig, EvalSetConfig
@@ -80,6 +80,50 @@ def fold_split(labels: Sequence[Hashable], folds: int, fold: int, seed: int) -> 
     parts = stratified_split(labels, sizes, seed)
     val = parts[fold]
     return np.setdiff1d(np.arange(len(labels_arr)), val), val
+
+
+def lengths_of(dataset: Dataset) -> np.ndarray | None:
+    """Each item's token count where items are token sequences (a dataset with ``lengths()``), else None."""
+    lengths = getattr(dataset, "lengths", None)
+    return None if lengths is None else np.asarray(lengths())
+
+
+class LengthOrder(Sampler[int]):
+    """Evaluation in order of length, longest first: each batch pads to a near-equal length (SST-2 dev: 25 tokens
+    a sentence, 45 padded in file order), and a batch that does not fit in memory is the first one. Metrics are
+    order-free; every consumer pairs outputs with the labels of the same batch."""
+
+    def __init__(self, lengths: np.ndarray) -> None:
+        self.order = np.argsort(-lengths, kind="stable").tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Training batches of similar length (`data.group_by_length`): each epoch sorts the items by length plus
+    uniform noise of one standard deviation of the lengths, cuts that order into batches at a random offset and
+    shuffles the batches. Batches differ every epoch, as with plain shuffling, but pad far less (SST-2 training
+    sentences: 13 tokens each, 35 padded in random batches of 16, about 17 grouped). The order is drawn from
+    (seed, epoch), so DDP ranks agree on it."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths.astype(np.float64), batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        n, size = len(self.lengths), self.batch_size
+        order = np.roll(np.argsort(self.lengths + rng.uniform(0, self.lengths.std(), n)), rng.integers(n or 1))
+        full = n - n % size
+        batches = order[:full].reshape(-1, size)[rng.permutation(full // size)]
+        return iter([*batches.ravel().tolist(), *order[full:].tolist()])  # the short batch last keeps alignment
 
 
 class Unlabelled(Dataset):
@@ -172,7 +216,7 @@ class DataModule(pl.LightningDataModule):
 
     modality: str  # the Preprocessing.modality this data module can feed
     # How samples are batched and stored, not what they are: left out of `identity`.
-    NOT_SAMPLES = ("batch_size", "eval_batch_size", "num_workers", "cache", "cache_dir")
+    NOT_SAMPLES = ("batch_size", "eval_batch_size", "num_workers", "group_by_length", "cache", "cache_dir")
 
     def __init__(
         self, cfg: DataConfig, preprocessing: Preprocessing, seed: int, task: Task, cv: CVConfig | None = None
@@ -202,6 +246,11 @@ class DataModule(pl.LightningDataModule):
         per-sample work such as tokenisation).
         """
         raise NotImplementedError
+
+    @property
+    def groups_by_length(self) -> bool:
+        """Whether training batches group items of similar length (text: `data.group_by_length`)."""
+        return False
 
     @property
     def train_augmented(self) -> bool:
@@ -337,7 +386,14 @@ class DataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool = False, num_samples: int | None = None) -> DataLoader:
         """`num_samples`: draw that many training items (cycling through the dataset) instead of one pass."""
         batch_size = self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size)
-        sampler = RandomSampler(dataset, num_samples=num_samples) if num_samples is not None else None
+        lengths = lengths_of(dataset)
+        sampler: Sampler[int] | None = None
+        if num_samples is not None:
+            sampler = RandomSampler(dataset, num_samples=num_samples)
+        elif train and lengths is not None and self.groups_by_length:
+            sampler = LengthGroupedSampler(lengths, batch_size, self.seed)
+        elif not train and lengths is not None:
+            sampler = LengthOrder(lengths)
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -340,6 +340,7 @@ class TextTableConfig(DataConfig):
     bad_rows: str = "error"  # rows with a wrong field count, an empty text/label or an unknown label: error | skip
     val_fraction: float = 0.1
     max_length: int = 128  # tokens; longer inputs are truncated
+    group_by_length: bool = False  # training batches of similar length: less padding, batches still random
     lowercase: bool = False
     cache: bool = True  # keep parsed, tokenised tables in the shared on-disk cache (namespace "tokenized")
     cache_dir: str | None = None  # None: $TRANSFER_LAB_CACHE or ~/.cache/transfer-lab

@@ -84,6 +84,10 @@ class EncodedTexts(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def lengths(self) -> np.ndarray:
+        """Each item's token count (what its padded batch costs)."""
+        return self.offsets[self.rows + 1] - self.offsets[self.rows]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         start, end = self.offsets[row], self.offsets[row + 1]
@@ -208,6 +212,10 @@ class TextTableDataModule(DataModule):
             raise ValueError(f"data '{cfg.name}' needs a tokenizer, but the backbone's preprocessing has none")
         self.collate_fn = DataCollatorWithPadding(preprocessing.tokenizer, return_tensors="pt")
         self.cache = Cache(CACHE_NAMESPACE, cfg.cache_dir)
+
+    @property
+    def groups_by_length(self) -> bool:
+        return self.cfg.group_by_length
 
     def _file_source(self, key: str, path: str, labelled: bool = True) -> Source:
         """A table file read with the data config's format settings (format from its extension unless given)."""
