@@ -7,10 +7,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from src.build import EpochCheckpoint
+from tests.test_failures import QUICK, only_run, run_in_process
 
 SCORES = [0.5, 0.7, 0.6, 0.8, 0.4]  # val/acc per epoch: improves at epochs 0, 1, 3
 
@@ -66,3 +68,15 @@ def test_last_links_to_best_only_in_improving_epochs(tmp_path: Path) -> None:
     assert watch.seen == [(True, 0, 0), (True, 1, 1), (False, 2, 1), (True, 3, 3), (False, 4, 3)]
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == trainer.global_step
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_run_without_checkpoints_reports_its_best_logged_score(tmp_path: Path) -> None:
+    """`trainer.enable_checkpointing=false` (a regime map's runs validate once and are never tested): nothing is
+    written under checkpoints/, and the objective is still the best validation value, from the logged history."""
+    overrides = ["trainer.max_epochs=3", "trainer.enable_checkpointing=false", "tracking.log_model=false"]
+    assert run_in_process(tmp_path, *overrides, *QUICK[1:]) == 0
+    run = only_run(tmp_path)
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.info.run_id, "val/acc")
+    assert run.info.status == "FINISHED" and len(history) == 3
+    assert run.data.metrics["best/val/acc"] == max(m.value for m in history)
+    assert not list(tmp_path.rglob("*.ckpt"))

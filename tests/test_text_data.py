@@ -7,6 +7,7 @@ import bz2
 import csv
 import gzip
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from torch.utils.data import DataLoader
 
 from src.backbones.base import Preprocessing
 from src.cache import Cache
@@ -474,3 +476,30 @@ def test_max_train_per_class_caps_every_class(tmp_path: Path, text_pre: Preproce
     dm = build({**node, "max_train_per_class": 2, "cache": False}, text_pre)
     assert sorted(all_labels(dm.train_dataloader().dataset)) == [0, 0, 1, 1, 2, 2]
     assert len(dm.val_dataloader().dataset) == 9  # the cap applies to train only
+
+
+def test_evaluation_by_length_and_training_batches_grouped_by_length(tmp_path: Path, text_pre: Preprocessing) -> None:
+    """Validation comes longest first (each batch pads to a near-equal length); `group_by_length` training batches
+    pad far less than shuffled ones yet hold every item once per epoch, change every epoch and follow the seed."""
+    rng = random.Random(0)
+    rows = [["sentence", "label"], *([" ".join(["word"] * rng.randint(1, 40)), str(i % 2)] for i in range(240))]
+    node = {
+        "name": "text_table",
+        "train_path": str(write_csv(tmp_path / "t.csv", rows)),
+        "batch_size": 8,
+        "cache": False,
+    }
+    plain, grouped = build(node, text_pre), build({**node, "group_by_length": True}, text_pre)
+
+    def padded(loader: Any) -> int:
+        return sum(batch["input_ids"].numel() for batch in loader)
+
+    val = plain.val_dataloader()
+    lengths = [len(val.dataset[i]["input_ids"]) for i in range(len(val.dataset))]
+    assert [lengths[i] for i in val.sampler] == sorted(lengths, reverse=True)
+    assert padded(val) < 0.8 * padded(DataLoader(val.dataset, 8, collate_fn=plain.collate_fn))
+    loader = grouped.train_dataloader()
+    epochs = [list(loader.sampler) for _ in range(2)]
+    assert all(sorted(order) == list(range(len(loader.dataset))) for order in epochs) and epochs[0] != epochs[1]
+    assert list(build({**node, "group_by_length": True}, text_pre).train_dataloader().sampler) == epochs[0]
+    assert padded(loader) < 0.6 * padded(plain.train_dataloader())

@@ -108,7 +108,8 @@ class LengthGroupedSampler(Sampler[int]):
     uniform noise of one standard deviation of the lengths, cuts that order into batches at a random offset and
     shuffles the batches. Batches differ every epoch, as with plain shuffling, but pad far less (SST-2 training
     sentences: 13 tokens each, 35 padded in random batches of 16, about 17 grouped). The order is drawn from
-    (seed, epoch), so DDP ranks agree on it."""
+    (seed, epoch): DDP ranks agree on it, and a resumed run (Lightning sets the epoch) draws what an uninterrupted
+    one would."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int) -> None:
         self.lengths, self.batch_size, self.seed, self.epoch = lengths.astype(np.float64), batch_size, seed, 0
@@ -116,9 +117,12 @@ class LengthGroupedSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
+        self.epoch += 1  # the next pass differs where nothing sets the epoch (a DDP wrapper, a plain loop)
         n, size = len(self.lengths), self.batch_size
         order = np.roll(np.argsort(self.lengths + rng.uniform(0, self.lengths.std(), n)), rng.integers(n or 1))
         full = n - n % size

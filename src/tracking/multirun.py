@@ -70,6 +70,11 @@ class GridParent(Callback):
         self.run: Any = None
         self.objective: dict[str, str] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Launcher workers (joblib) get a copy of Hydra's callbacks: without the open run (a client with locks,
+        which cannot be pickled); a job finds its parent in the multirun folder's INFO_FILE."""
+        return {**self.__dict__, "run": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "optuna_study" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
             return
