@@ -138,6 +138,20 @@ def test_multirun_grid_is_one_parent_with_a_child_per_job(tmp_path: Path) -> Non
     assert f"#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in proc.stdout
 
 
+@pytest.mark.slow
+def test_a_grid_runs_on_parallel_joblib_workers(tmp_path: Path) -> None:
+    """`hydra/launcher=joblib` on a grid: the workers get Hydra's callbacks pickled, the grid's parent with them."""
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    proc = run_cli(["-m", "finetune=linear_probe,full", "trainer.max_epochs=1", *launcher], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = runs(tmp_path)
+    (parent,) = [r for r in found if r.data.tags.get("role") == "grid"]
+    children = [r for r in found if r is not parent]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in found)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert f"2 runs (2 FINISHED, 0 not) under parent run {parent.info.run_id}" in proc.stdout
+
+
 def _open_run(args: tuple[str, int]) -> str:
     from src.tracking.mlflow_run import MLflowRun, TrackingConfig
 
