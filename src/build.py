@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -234,10 +234,8 @@ def log_results(
             (tracker.log_figure if name.endswith(".png") else tracker.log_dict)(artifact, name)
     tracker.log_dict(datamodule.label_mapping, "label_mapping.json")
     if cfg.tracking.log_checkpoint and keep_weights:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp, Path(CHECKPOINT_ARTIFACT).name)
-            torch.save({"state_dict": module.state_dict(), "class_names": datamodule.names}, path)
-            tracker.log_artifact(path, str(Path(CHECKPOINT_ARTIFACT).parent))
+        checkpoint = {"state_dict": module.state_dict(), "class_names": datamodule.names}
+        tracker.log_file(partial(torch.save, checkpoint), CHECKPOINT_ARTIFACT)
     if cfg.tracking.log_model and keep_weights:
         export.log_model(tracker, raw, module, datamodule, cfg.tracking.register_model)
 

@@ -12,8 +12,11 @@ import getpass
 import json
 import os
 import subprocess
+import tempfile
 import time
 import traceback
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -229,6 +232,23 @@ class MLflowRun:
     @leader_only
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @leader_only
+    def log_file(self, write: Callable[[Path], None], artifact_file: str) -> None:
+        """The artifact `write(path)` makes: straight into the run's artifact folder when it is on this machine (a
+        90 MB checkpoint is then written once, not written and copied), else through a temporary file."""
+        uri = urllib.parse.urlparse(self.client.get_run(self.run_id).info.artifact_uri)
+        if uri.scheme in ("", "file"):
+            target = Path(urllib.request.url2pathname(uri.path), artifact_file)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            write(partial)
+            partial.replace(target)  # a reader never sees half a file
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, Path(artifact_file).name)
+            write(path)
+            self.log_artifact(path, str(Path(artifact_file).parent))
 
     def logger(self) -> EpochMLFlowLogger:
         return EpochMLFlowLogger(
