@@ -230,6 +230,11 @@ class CachedSplit(_Delegating):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def pooled(self) -> bool:
+        """Whether samples are pooled feature vectors (evaluating them is only the head's work)."""
+        return self.values is not None
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self.values is None:
             return {FROZEN_TOKENS: self.tokens[index], "labels": self.labels[index]}

@@ -82,6 +82,10 @@ def fold_split(labels: Sequence[Hashable], folds: int, fold: int, seed: int) -> 
     return np.setdiff1d(np.arange(len(labels_arr)), val), val
 
 
+# Evaluation batch size over cached pooled features: the same outputs in fewer steps (each costs Lightning ~1 ms).
+POOLED_EVAL_BATCH = 1024
+
+
 def lengths_of(dataset: Dataset) -> np.ndarray | None:
     """Each item's token count where items are token sequences (a dataset with ``lengths()``), else None."""
     lengths = getattr(dataset, "lengths", None)
@@ -390,6 +394,8 @@ class DataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool = False, num_samples: int | None = None) -> DataLoader:
         """`num_samples`: draw that many training items (cycling through the dataset) instead of one pass."""
         batch_size = self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size)
+        if not train and getattr(dataset, "pooled", False):  # cached features: the head alone, row by row
+            batch_size = max(batch_size, POOLED_EVAL_BATCH)
         lengths = lengths_of(dataset)
         sampler: Sampler[int] | None = None
         if num_samples is not None:
