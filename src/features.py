@@ -170,7 +170,7 @@ def encode(
     """`fn` (the model in eval mode) over every sample of `dataset`, stored in dataset order: `values` (N, ...),
     or for token states `tokens` (sum of lengths, H) + `lengths` (N,); plus `labels` (N,)."""
     lengths = lengths_of(dataset)  # text in order of length: batches need little padding
-    order = list(range(len(dataset))) if lengths is None else LengthOrder(lengths).order
+    order = list(range(len(dataset))) if lengths is None else LengthOrder(lengths, batch_size).order
     loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size, collate_fn=collate or default_collate)
     was_training, original = model.training, next(model.parameters()).device
     model.eval().to(device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import itertools
 import json
 import random
 import time
@@ -479,14 +480,17 @@ def test_max_train_per_class_caps_every_class(tmp_path: Path, text_pre: Preproce
 
 
 def test_evaluation_by_length_and_training_batches_grouped_by_length(tmp_path: Path, text_pre: Preprocessing) -> None:
-    """Validation comes longest first (each batch pads to a near-equal length); `group_by_length` training batches
-    pad far less than shuffled ones yet hold every item once per epoch, change every epoch and follow the seed."""
+    """Validation batches hold texts of near-equal length (little padding), in a shuffled order; `group_by_length`
+    training batches pad far less than shuffled ones yet hold every item once per epoch, change every epoch and
+    follow the seed."""
     rng = random.Random(0)
-    rows = [["sentence", "label"], *([" ".join(["word"] * rng.randint(1, 40)), str(i % 2)] for i in range(240))]
+    words = [min(60, 1 + int(rng.expovariate(1 / 10))) for _ in range(240)]  # short texts and a long tail
+    rows = [["sentence", "label"], *([" ".join(["word"] * n), str(i % 2)] for i, n in enumerate(words))]
     node = {
         "name": "text_table",
         "train_path": str(write_csv(tmp_path / "t.csv", rows)),
         "batch_size": 8,
+        "val_fraction": 0.5,
         "cache": False,
     }
     plain, grouped = build(node, text_pre), build({**node, "group_by_length": True}, text_pre)
@@ -496,10 +500,15 @@ def test_evaluation_by_length_and_training_batches_grouped_by_length(tmp_path: P
 
     val = plain.val_dataloader()
     lengths = [len(val.dataset[i]["input_ids"]) for i in range(len(val.dataset))]
-    assert [lengths[i] for i in val.sampler] == sorted(lengths, reverse=True)
+    assert sorted(val.sampler) == list(range(len(lengths)))
+    order = list(val.sampler)
+    batches = [[lengths[i] for i in order[k : k + 8]] for k in range(0, len(order), 8)]
+    by_length = sorted(batches, key=max, reverse=True)
+    assert all(min(a) >= max(b) for a, b in itertools.pairwise(by_length)), "batches are cut from the length order"
+    assert batches != by_length, "and come in a shuffled order (a partial pass sees every length)"
     assert padded(val) < 0.8 * padded(DataLoader(val.dataset, 8, collate_fn=plain.collate_fn))
     loader = grouped.train_dataloader()
     epochs = [list(loader.sampler) for _ in range(2)]
     assert all(sorted(order) == list(range(len(loader.dataset))) for order in epochs) and epochs[0] != epochs[1]
     assert list(build({**node, "group_by_length": True}, text_pre).train_dataloader().sampler) == epochs[0]
-    assert padded(loader) < 0.6 * padded(plain.train_dataloader())
+    assert padded(loader) < 0.7 * padded(plain.train_dataloader())

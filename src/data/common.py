@@ -93,12 +93,16 @@ def lengths_of(dataset: Dataset) -> np.ndarray | None:
 
 
 class LengthOrder(Sampler[int]):
-    """Evaluation in order of length, longest first: each batch pads to a near-equal length (SST-2 dev: 25 tokens
-    a sentence, 45 padded in file order), and a batch that does not fit in memory is the first one. Metrics are
-    order-free; every consumer pairs outputs with the labels of the same batch."""
+    """Evaluation in batches of similar length: each batch pads to a near-equal length (SST-2 dev: 25 tokens a
+    sentence, 45 padded in file order). The batches come in a fixed shuffled order, not longest first, so a partial
+    pass (`trainer.limit_val_batches`) still sees every length. Metrics are order-free; every consumer pairs
+    outputs with the labels of the same batch."""
 
-    def __init__(self, lengths: np.ndarray) -> None:
-        self.order = np.argsort(-lengths, kind="stable").tolist()
+    def __init__(self, lengths: np.ndarray, batch_size: int) -> None:
+        order = np.argsort(-lengths, kind="stable")
+        full = len(order) - len(order) % batch_size
+        batches = order[:full].reshape(-1, batch_size)[np.random.default_rng(0).permutation(full // batch_size)]
+        self.order = [*batches.ravel().tolist(), *order[full:].tolist()]  # the short batch last keeps alignment
 
     def __len__(self) -> int:
         return len(self.order)
@@ -403,7 +407,7 @@ class DataModule(pl.LightningDataModule):
         elif train and lengths is not None and self.groups_by_length:
             sampler = LengthGroupedSampler(lengths, batch_size, self.seed)
         elif not train and lengths is not None:
-            sampler = LengthOrder(lengths)
+            sampler = LengthOrder(lengths, batch_size)
         return DataLoader(
             dataset,
             batch_size=batch_size,
