@@ -6,6 +6,7 @@ cache serves the sets on a second run; bad settings are refused in one line befo
 from __future__ import annotations
 
 import csv
+import json
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,11 @@ def test_sets_and_the_wise_ft_curve_are_logged_and_agree_with_single_alpha_runs(
         assert m[f"test/wise_ft/1.0/{key}"] == pytest.approx(m[f"test/{key}"], abs=1e-6)
     assert m["test/wise_ft/0.0/acc"] != m["test/acc"]
     assert {"wise_ft_curve.png", "wise_ft_curve.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    points = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "wise_ft_curve.json", str(tmp_path))).read_text()
+    )
+    assert list(points) == ["0.0", "0.5", "1.0"]
+    assert points["1.0"]["test/wise_ft/1.0/rot/acc"] == pytest.approx(m["test/rot/acc"], abs=1e-6)
 
     (tmp_path / "zero").mkdir()  # alpha 0 alone: the pretrained backbone under the fine-tuned head
     assert run_in_process(tmp_path / "zero", *FAST, NOISE, ROT, "regularization.wise_ft_alpha=0.0") == 0

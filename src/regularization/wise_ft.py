@@ -4,7 +4,8 @@ With a list of alphas (`regularization.wise_ft_alpha=[0,0.5,1]`) one run traces 
 from the one fine-tuned checkpoint on the split tested and on every named evaluation set, logged as
 `test/wise_ft/<alpha>/<metric>` and `test/wise_ft/<alpha>/<set>/<metric>`, with a figure of the ID-vs-shift curve
 (`wise_ft_curve.png`) and its numbers (`wise_ft_curve.json`). The test pass itself, its plain `test/*` metrics and
-the logged model, then use the LAST alpha listed, as a single alpha does.
+the logged model, then use the LAST alpha listed, as a single alpha does; that alpha's curve point is the test
+pass's own numbers (each alpha is scored once).
 """
 
 from __future__ import annotations
@@ -26,28 +27,49 @@ def alpha_name(alpha: float) -> str:
     return str(float(alpha))
 
 
+def _prefix(alpha: float) -> str:
+    return f"test/{WISE_FT}/{alpha_name(alpha)}/"
+
+
 class WiseFT(pl.Callback):
     """Interpolates the backbone (the head is new, it has no pretrained weights) when testing starts, i.e. after
     the best checkpoint is loaded; the logged checkpoint then holds the interpolated weights that were tested.
-    With `curve`, first scores every alpha in `alphas` (see the module docstring); the last one is kept.
+    With `curve`, first scores every alpha in `alphas` but the last (see the module docstring); the last one is
+    kept, and its curve point is the test pass's own metrics, renamed when testing ends (not scored twice).
     """
 
     def __init__(self, reference: PretrainedReference, alphas: list[float], curve: bool = False) -> None:
         self.reference, self.alphas, self.curve = reference, alphas, curve
+        self.points: dict[str, dict[str, float]] = {}
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         backbone = pl_module.backbone
         if self.curve:
             fine_tuned = PretrainedReference(backbone)  # a snapshot; interpolating to alpha 0 restores it exactly
-            points: dict[str, dict[str, float]] = {}
-            for alpha in self.alphas:
+            self.points = {}
+            for alpha in self.alphas[:-1]:
                 self.reference.interpolate(backbone, alpha)
-                metrics = tested_and_eval_sets(trainer, pl_module, f"test/{WISE_FT}/{alpha_name(alpha)}/")
+                metrics = tested_and_eval_sets(trainer, pl_module, _prefix(alpha))
                 pl_module.log_dict(metrics)
-                points[alpha_name(alpha)] = {k: float(v) for k, v in metrics.items()}
+                self.points[alpha_name(alpha)] = {k: float(v) for k, v in metrics.items()}
                 fine_tuned.interpolate(backbone, 0.0)
-            self._log_curve(trainer, points)
         self.reference.interpolate(backbone, self.alphas[-1])
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The last alpha's point: the test split's `test/<metric>` and every set's `test/<set>/<metric>` (the
+        test pass and the eval-set callback scored the weights it left) as `test/wise_ft/<alpha>/...`. Logged
+        through the loggers: Lightning's `log` is closed once testing has ended."""
+        if not self.curve:
+            return
+        own, prefix = f"test/{WISE_FT}/", _prefix(self.alphas[-1])
+        last = {
+            prefix + key.removeprefix("test/"): float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("test/") and not key.startswith(own)
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics({**last, "epoch": float(trainer.current_epoch)}, step=trainer.global_step)
+        self._log_curve(trainer, {**self.points, alpha_name(self.alphas[-1]): last})
 
     def _log_curve(self, trainer: pl.Trainer, points: dict[str, dict[str, float]]) -> None:
         """The ID-vs-shift figure for the objective's metric (the checkpoint's monitor, `val/acc` -> `acc`) and
