@@ -222,6 +222,10 @@ class TransferModule(pl.LightningModule):
         return self._configure_optim(self)
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
     ) -> None:
+        """Lightning's clipping, but clipping bf16 gradients of a fused optimizer too (`src.optim.clip_gradients`)."""
         clip_gradients(self, optimizer, gradient_clip_val or 0.0, gradient_clip_algorithm or "norm")
