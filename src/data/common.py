@@ -92,6 +92,13 @@ def lengths_of(dataset: Dataset) -> np.ndarray | None:
     return None if lengths is None else np.asarray(lengths())
 
 
+def shuffled_batches(order: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[int]:
+    """`order` cut into batches, the full ones shuffled and the short one last (the loader cuts the same batches)."""
+    full = len(order) - len(order) % batch_size
+    batches = order[:full].reshape(-1, batch_size)[rng.permutation(full // batch_size)]
+    return [*batches.ravel().tolist(), *order[full:].tolist()]
+
+
 class LengthOrder(Sampler[int]):
     """Evaluation in batches of similar length: each batch pads to a near-equal length (SST-2 dev: 25 tokens a
     sentence, 45 padded in file order). The batches come in a fixed shuffled order, not longest first, so a partial
@@ -99,10 +106,7 @@ class LengthOrder(Sampler[int]):
     outputs with the labels of the same batch."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int) -> None:
-        order = np.argsort(-lengths, kind="stable")
-        full = len(order) - len(order) % batch_size
-        batches = order[:full].reshape(-1, batch_size)[np.random.default_rng(0).permutation(full // batch_size)]
-        self.order = [*batches.ravel().tolist(), *order[full:].tolist()]  # the short batch last keeps alignment
+        self.order = shuffled_batches(np.argsort(-lengths, kind="stable"), batch_size, np.random.default_rng(0))
 
     def __len__(self) -> int:
         return len(self.order)
@@ -131,11 +135,9 @@ class LengthGroupedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1  # the next pass differs where nothing sets the epoch (a DDP wrapper, a plain loop)
-        n, size = len(self.lengths), self.batch_size
+        n = len(self.lengths)
         order = np.roll(np.argsort(self.lengths + rng.uniform(0, self.lengths.std(), n)), rng.integers(n or 1))
-        full = n - n % size
-        batches = order[:full].reshape(-1, size)[rng.permutation(full // size)]
-        return iter([*batches.ravel().tolist(), *order[full:].tolist()])  # the short batch last keeps alignment
+        return iter(shuffled_batches(order, self.batch_size, rng))
 
 
 class Unlabelled(Dataset):
